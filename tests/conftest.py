@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny random checkpoints written with transformers, and the bundled SmolLM2.
+
+Every tiny checkpoint is a real Hugging Face directory (config.json + safetensors) made by
+transformers' own ``save_pretrained``, so the loader is tested on exactly what it meets in the wild.
+Weights are drawn with a larger spread than transformers' default (and the norm weights are
+perturbed) so that the logits are O(1) and a wrong norm, head or rotation shows up clearly.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import llama_jax
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # small, so that the scaled band covers frequencies that matter at the tiny test lengths
+    "original_max_position_embeddings": 64,
+}
+
+BASE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    initializer_range=0.1,
+)
+
+# name -> (config overrides, save_pretrained kwargs)
+TINY_CHECKPOINTS = {
+    "llama32_tied": (dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE), {}),
+    "untied": (dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), {}),
+    "head_dim_32": (dict(tie_word_embeddings=True, head_dim=32, rope_parameters=LLAMA3_ROPE), {}),
+    "multi_head": (dict(tie_word_embeddings=False, num_key_value_heads=4, rope_parameters=LLAMA3_ROPE), {}),
+    "sharded": (dict(tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE), {"max_shard_size": "100KB"}),
+}
+
+
+def make_tiny_checkpoint(directory, name: str, seed: int = 0) -> str:
+    """Write the tiny checkpoint ``name`` (a key of TINY_CHECKPOINTS) into ``directory``."""
+    overrides, save_kwargs = TINY_CHECKPOINTS[name]
+    config = transformers.LlamaConfig(**{**BASE, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, transformers.models.llama.modeling_llama.LlamaRMSNorm):
+                module.weight.add_(0.1 * torch.randn_like(module.weight))
+    model.save_pretrained(directory, **save_kwargs)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """name -> directory, for every tiny checkpoint."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: make_tiny_checkpoint(root / name, name) for name in TINY_CHECKPOINTS}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """The bundled SmolLM2-135M-Instruct as a Hugging Face directory (built once, then cached)."""
+    return llama_jax.default_checkpoint()
+
+
+def torch_model(directory: str) -> transformers.LlamaForCausalLM:
+    """transformers' reference model, float32, eval mode."""
+    return transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def torch_logits(model, input_ids, attention_mask=None) -> np.ndarray:
+    with torch.no_grad():
+        kwargs = {} if attention_mask is None else {"attention_mask": torch.as_tensor(np.asarray(attention_mask))}
+        return model(torch.as_tensor(np.asarray(input_ids)), **kwargs).logits.numpy()
