@@ -50,7 +50,8 @@ TINY_CHECKPOINTS = {
     "untied": (dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), {}),
     "head_dim_32": (dict(tie_word_embeddings=True, head_dim=32, rope_parameters=LLAMA3_ROPE), {}),
     "multi_head": (dict(tie_word_embeddings=False, num_key_value_heads=4, rope_parameters=LLAMA3_ROPE), {}),
-    "sharded": (dict(tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE), {"max_shard_size": "100KB"}),
+    # the same model as "untied" (same config and seed), written in several shards with an index
+    "sharded": (dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), {"max_shard_size": "100KB"}),
 }
 
 

@@ -1,6 +1,7 @@
 """llama_jax: Llama 3.x from Hugging Face checkpoints to JAX/Flax NNX (the book's companion package)."""
 
 from .checkpoints import default_checkpoint, load_tokenizer, resolve_checkpoint, selected_checkpoint
+from .generate import Sampling, encode_prompts, generate, generate_naive, generate_text, left_pad
 from .config import LLAMA_3_2_1B, ConfigError, LlamaConfig, RopeScaling
 from .model import KVCache, LlamaForCausalLM
 from .weights import CheckpointError, from_pretrained
@@ -14,7 +15,13 @@ __all__ = [
     "LlamaForCausalLM",
     "RopeScaling",
     "default_checkpoint",
+    "encode_prompts",
     "from_pretrained",
+    "generate",
+    "generate_naive",
+    "generate_text",
+    "left_pad",
+    "Sampling",
     "load_tokenizer",
     "resolve_checkpoint",
     "selected_checkpoint",

@@ -1,0 +1,45 @@
+"""The command line: the main job, and one clear line (no traceback) for bad input."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from safetensors.numpy import load_file, save_file
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "llama_jax", *args], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
+
+
+def test_generate_answers_paris(smollm2_dir):
+    result = run_cli("generate", "The capital of France is", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_chat_mode(smollm2_dir):
+    result = run_cli("generate", "What is the capital of France?", "--chat", "--max-new-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_missing_model_is_one_line():
+    result = run_cli("generate", "--model", "/nonexistent", "x")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: no checkpoint directory at /nonexistent"
+
+
+def test_checkpoint_with_a_tensor_removed_is_one_line(tiny_checkpoints, tmp_path):
+    directory = shutil.copytree(tiny_checkpoints["untied"], tmp_path / "ckpt")
+    tensors = load_file(directory / "model.safetensors")
+    del tensors["model.layers.0.self_attn.k_proj.weight"]
+    save_file(tensors, directory / "model.safetensors")
+    result = run_cli("generate", "--model", str(directory), "x")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0] == f"error: {directory}: missing 1 tensor(s): model.layers.0.self_attn.k_proj.weight"
