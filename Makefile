@@ -23,15 +23,16 @@ install: $(STAMP)
 generate: $(STAMP)
 	$(PY) -m llama_jax generate "The capital of France is" --max-new-tokens 24
 
+# Unit tests, every chapter executed by nbmake, the pairing check and the book build, on 2 workers.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --nbmake --nbmake-timeout=900 tests book
 
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
-	@echo "Open _build/html/index.html"
+	@echo "The book is built: open _build/html/index.html"
 
 sync: $(STAMP)
-	$(VENV)/bin/jupytext --sync book/*.md
+	$(VENV)/bin/jupytext --to ipynb --update book/[0-9][0-9]_*.md
 
 bench: $(STAMP)
 	$(PY) bench/generate.py
