@@ -4,7 +4,8 @@ from .checkpoints import default_checkpoint, load_tokenizer, resolve_checkpoint,
 from .generate import Sampling, encode_prompts, generate, generate_naive, generate_text, left_pad
 from .config import LLAMA_3_2_1B, ConfigError, LlamaConfig, RopeScaling
 from .model import KVCache, LlamaForCausalLM
-from .weights import CheckpointError, from_pretrained
+from .weights import CheckpointError, from_pretrained, save_pretrained
+from . import convert
 
 __all__ = [
     "LLAMA_3_2_1B",
@@ -14,6 +15,7 @@ __all__ = [
     "LlamaConfig",
     "LlamaForCausalLM",
     "RopeScaling",
+    "convert",
     "default_checkpoint",
     "encode_prompts",
     "from_pretrained",
@@ -24,5 +26,6 @@ __all__ = [
     "Sampling",
     "load_tokenizer",
     "resolve_checkpoint",
+    "save_pretrained",
     "selected_checkpoint",
 ]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Callable, Mapping
 
 import jax
@@ -163,3 +165,93 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype=jnp.bfloat16, *, p
     directory = resolve_checkpoint(path_or_repo_id)
     config = LlamaConfig.from_hf(directory)
     return load_safetensors(directory, config, dtype=dtype, progress=progress)
+
+
+def _parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like transformers' ``max_shard_size``: "5GB" (10**9), "500MiB" (2**20)."""
+    if isinstance(size, int):
+        return size
+    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = str(size).strip().upper()
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number):].strip() or "B"
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise ValueError(f"max_shard_size={size!r}: expected bytes or a size such as '5GB' or '500MiB'") from None
+
+
+def save_pretrained(
+    model: LlamaForCausalLM,
+    directory: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    *,
+    overwrite: bool = False,
+    tokenizer=None,
+) -> str:
+    """Write ``model`` as a Hugging Face checkpoint that transformers (and ``from_pretrained``) load:
+    ``config.json`` (``config.to_hf()``) and ``model.safetensors``, or, when the tensors exceed
+    ``max_shard_size``, ``model-0000i-of-0000n.safetensors`` shards with ``model.safetensors.index.json``.
+    Tensors keep the model's dtype. ``tokenizer`` (a transformers tokenizer), if given, is saved too.
+
+    Everything is written into a temporary directory beside the target, which is then renamed into
+    place: an interrupted export never leaves a half-written checkpoint. An existing non-empty target
+    is refused unless ``overwrite=True``. Returns the directory.
+    """
+    from safetensors.numpy import save_file
+
+    target = os.path.abspath(os.fspath(directory))
+    if os.path.isfile(target):
+        raise CheckpointError(f"{target} is a file, not a directory")
+    if os.path.isdir(target) and os.listdir(target) and not overwrite:
+        raise CheckpointError(f"{target} already exists and is not empty; pass overwrite=True to replace it")
+    limit = _parse_size(max_shard_size)
+
+    tensors = hf_tensors(model)
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for name, tensor in tensors.items():  # fill shards in order; a tensor over the limit gets one to itself
+        if shards[-1] and shard_bytes + tensor.nbytes > limit:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(name)
+        shard_bytes += tensor.nbytes
+
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-", dir=parent)
+    try:
+        config = model.config.to_hf()
+        config["dtype"] = str(tensors["model.norm.weight"].dtype)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        if len(shards) == 1:
+            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards, start=1):
+                filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file({n: tensors[n] for n in names}, os.path.join(tmp, filename), metadata={"format": "pt"})
+                weight_map.update({n: filename for n in names})
+            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if os.path.isdir(target):  # empty, or overwrite=True: move the old one aside, then swap
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-old-", dir=parent)
+            try:
+                os.replace(target, os.path.join(old, "old"))
+                try:
+                    os.replace(tmp, target)
+                except OSError:
+                    os.replace(os.path.join(old, "old"), target)  # put the previous checkpoint back
+                    raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+    return target

@@ -1,0 +1,171 @@
+"""llama.cpp's GGUF files: one file holding the config (``llama.*`` metadata keys), the tokenizer and
+the tensors, most of them quantized in blocks (Q4_1: 32 weights share a float16 scale and minimum).
+
+What differs from Hugging Face's format:
+
+* names: ``blk.3.attn_q.weight`` is ``model.layers.3.self_attn.q_proj.weight``, and so on;
+* shapes are listed in GGML's order, fastest-varying dimension first: a [out, in] matrix is ``[in, out]``;
+* q/k rows are in Meta's interleaved layout (llama.cpp's converter permutes them back to Meta's order),
+  so they are un-permuted exactly as for Meta's checkpoint;
+* Llama 3.1/3.2 files carry llama3 RoPE scaling as a tensor, ``rope_freqs.weight``: for each frequency
+  the number its wavelength is multiplied by.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ConfigError, LlamaConfig, RopeScaling
+from ..model import LlamaForCausalLM
+from ..rope import default_inverse_frequencies, llama3_scale_frequencies
+from ..weights import CheckpointError, model_from_tensors
+from .meta import meta_to_hf_rows
+
+_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def gguf_to_hf_name(name: str) -> str:
+    """GGUF tensor name -> Hugging Face's (an unknown name is returned unchanged, to be reported)."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    match = _LAYER.match(name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    return name
+
+
+def gguf_metadata(reader) -> dict:
+    """Every metadata key except the tokenizer's long arrays, as Python values."""
+    return {
+        key: field.contents()
+        for key, field in reader.fields.items()
+        if not (key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "token_type", "merges", "scores")))
+    }
+
+
+def _rope_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float, given: RopeScaling | None, source: str):
+    """The llama3 RoPE scaling that ``rope_freqs.weight`` encodes: Meta's values (factor = the largest
+    multiplier, low 1, high 4, original context 8192) unless the caller gives others; either way it must
+    reproduce the tensor, or the file's RoPE is something this package does not implement."""
+    scaling = given or RopeScaling(factor=float(factors.max()))
+    inv_freq = default_inverse_frequencies(head_dim, theta)
+    implied = inv_freq / llama3_scale_frequencies(inv_freq, scaling)
+    if factors.shape != implied.shape or not np.allclose(factors, implied, rtol=1e-5):
+        raise ConfigError(
+            f"{source}: rope_freqs.weight does not match llama3 RoPE scaling {scaling} "
+            f"(max difference {np.max(np.abs(factors - implied)) if factors.shape == implied.shape else 'shape'}); "
+            "pass rope_scaling=RopeScaling(...) with the model's values"
+        )
+    return scaling
+
+
+def gguf_config(meta: dict, shapes: dict, rope_factors: np.ndarray | None, rope_scaling=None, source="gguf") -> LlamaConfig:
+    """A LlamaConfig from a GGUF file's ``llama.*`` metadata (and its ``rope_freqs`` tensor)."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{source}: general.architecture={arch!r}; only 'llama' files are supported")
+
+    def key(name, default=None, kind=int):
+        value = meta.get(f"llama.{name}", default)
+        if value is None:
+            raise ConfigError(f"{source}: metadata key llama.{name} is missing")
+        if isinstance(value, list):
+            raise ConfigError(f"{source}: llama.{name} varies by layer ({value[:4]}...); not supported")
+        return kind(value)
+
+    hidden, heads = key("embedding_length"), key("attention.head_count")
+    head_dim = key("attention.key_length", hidden // heads)
+    if (rotary := key("rope.dimension_count", head_dim)) != head_dim:
+        raise ConfigError(f"{source}: llama.rope.dimension_count={rotary} differs from head_dim={head_dim} (partial RoPE)")
+    if (scaling_type := meta.get("llama.rope.scaling.type", "none")) != "none":
+        raise ConfigError(f"{source}: unsupported llama.rope.scaling.type={scaling_type!r}")
+    theta = key("rope.freq_base", 10000.0, float)
+    scaling = None
+    if rope_factors is not None:
+        scaling = _rope_scaling_from_factors(rope_factors, head_dim, theta, rope_scaling, source)
+    vocab = meta.get("llama.vocab_size") or shapes.get("model.embed_tokens.weight", (None,))[0]
+    if vocab is None:
+        raise ConfigError(f"{source}: no llama.vocab_size and no token_embd.weight")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return LlamaConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=key("feed_forward_length"),
+        num_hidden_layers=key("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=key("attention.head_count_kv", heads),
+        head_dim=head_dim,
+        rms_norm_eps=key("attention.layer_norm_rms_epsilon", kind=float),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=key("context_length", 2048),
+        tie_word_embeddings="lm_head.weight" not in shapes,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=() if eos is None else (int(eos),),
+    )
+
+
+def from_gguf(
+    path: str | os.PathLike, dtype=jnp.bfloat16, *, rope_scaling: RopeScaling | None = None, progress: bool = True
+) -> LlamaForCausalLM:
+    """Load a llama.cpp GGUF file (architecture ``llama``), dequantizing every tensor to ``dtype``.
+
+    Tensors are read with ``gguf.GGUFReader`` (memory-mapped) and dequantized one at a time with
+    ``gguf.quants.dequantize``. The head is tied when the file has no ``output.weight``. For Llama 3.1/3.2
+    files the llama3 RoPE scaling is recovered from ``rope_freqs.weight`` (Meta's values, the factor read
+    from the tensor) and checked against it; ``rope_scaling`` overrides the guess for other values.
+    """
+    import gguf
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no GGUF file at {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # bad magic, truncated file, ...
+        raise CheckpointError(f"cannot read {path} as GGUF: {e}") from None
+
+    tensors = {t.name: t for t in reader.tensors}
+    rope_freqs = tensors.pop("rope_freqs.weight", None)
+    hf_names = {gguf_to_hf_name(name): name for name in tensors}
+    # GGML lists dimensions fastest-first: reversed, they are numpy's (and PyTorch's) order.
+    shapes = {hf: tuple(int(d) for d in reversed(tensors[g].shape)) for hf, g in hf_names.items()}
+    factors = None if rope_freqs is None else np.asarray(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type), np.float32).ravel()
+    config = gguf_config(gguf_metadata(reader), shapes, factors, rope_scaling, source=path)
+
+    def read(hf_name: str) -> np.ndarray:
+        tensor = tensors[hf_names[hf_name]]
+        try:
+            w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(
+                f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, which gguf cannot dequantize"
+            ) from None
+        w = np.asarray(w, np.float32).reshape(shapes[hf_name])
+        if hf_name.endswith("q_proj.weight"):
+            return meta_to_hf_rows(w, config.num_attention_heads)
+        if hf_name.endswith("k_proj.weight"):
+            return meta_to_hf_rows(w, config.num_key_value_heads)
+        return w
+
+    return model_from_tensors(config, shapes, read, dtype=dtype, source=path, progress=progress)
