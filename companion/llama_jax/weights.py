@@ -13,6 +13,7 @@ tensor exists twice in memory.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -45,12 +46,18 @@ def _abstract_model(config: LlamaConfig, dtype) -> LlamaForCausalLM:
 
 def expected_tensors(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a Hugging Face checkpoint of this config holds, with its (PyTorch-layout) shape."""
+    return dict(_expected_tensors(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_tensors(config: LlamaConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    # cached: building even an abstract model takes seconds for a 30-layer config
     _, state = nnx.split(_abstract_model(config, jnp.float32))
     shapes = {}
     for path, variable in nnx.to_flat_state(state):
         shape = variable.get_value().shape
         shapes[hf_name(path)] = shape[::-1] if path[-1] == "kernel" else shape
-    return shapes
+    return tuple(shapes.items())
 
 
 def _ignored(name: str, config: LlamaConfig) -> bool:
