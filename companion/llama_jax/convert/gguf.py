@@ -23,7 +23,7 @@ from ..config import ConfigError, LlamaConfig, RopeScaling
 from ..model import LlamaForCausalLM
 from ..rope import default_inverse_frequencies, llama3_scale_frequencies
 from ..weights import CheckpointError, model_from_tensors
-from .meta import meta_to_hf_rows
+from .meta import unpermute_qk
 
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -161,11 +161,6 @@ def from_gguf(
             raise CheckpointError(
                 f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, which gguf cannot dequantize"
             ) from None
-        w = np.asarray(w, np.float32).reshape(shapes[hf_name])
-        if hf_name.endswith("q_proj.weight"):
-            return meta_to_hf_rows(w, config.num_attention_heads)
-        if hf_name.endswith("k_proj.weight"):
-            return meta_to_hf_rows(w, config.num_key_value_heads)
-        return w
+        return unpermute_qk(hf_name, np.asarray(w, np.float32).reshape(shapes[hf_name]), config)
 
     return model_from_tensors(config, shapes, read, dtype=dtype, source=path, progress=progress)

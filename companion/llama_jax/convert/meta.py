@@ -60,6 +60,15 @@ def meta_to_hf_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
+def unpermute_qk(hf_name: str, w: np.ndarray, config: LlamaConfig) -> np.ndarray:
+    """A tensor in Meta's layout -> Hugging Face's: q/k projections un-permuted, everything else as is."""
+    if hf_name.endswith("q_proj.weight"):
+        return meta_to_hf_rows(w, config.num_attention_heads)
+    if hf_name.endswith("k_proj.weight"):
+        return meta_to_hf_rows(w, config.num_key_value_heads)
+    return w
+
+
 def hf_to_meta_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     """The inverse of ``meta_to_hf_rows``: Hugging Face (halves) -> Meta (interleaved pairs)."""
     rows, cols = w.shape
@@ -194,12 +203,7 @@ def from_meta(
     shapes = {hf: tuple(state[meta].shape) for hf, meta in meta_names.items()}
 
     def read(hf_name: str) -> np.ndarray:
-        w = state[meta_names[hf_name]].to(torch.float32).numpy()
-        if hf_name.endswith("q_proj.weight"):
-            return meta_to_hf_rows(w, config.num_attention_heads)
-        if hf_name.endswith("k_proj.weight"):
-            return meta_to_hf_rows(w, config.num_key_value_heads)
-        return w
+        return unpermute_qk(hf_name, state[meta_names[hf_name]].to(torch.float32).numpy(), config)
 
     return model_from_tensors(config, shapes, read, dtype=dtype, source=path, progress=progress)
 
