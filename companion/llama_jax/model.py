@@ -36,14 +36,17 @@ class RMSNorm(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer, preallocated: each [B, S, K, D] for S = the cache length."""
+    """Keys and values of every layer, preallocated: each [B, K, S, D] for S = the cache length.
+
+    Heads come before slots (as in transformers' cache), so attention over the cache is a plain
+    batched matmul over (batch, head) with no transposed copy of the cache at every decode step."""
 
     keys: list[jax.Array]
     values: list[jax.Array]
 
     @classmethod
     def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype) -> "KVCache":
-        shape = (batch, length, config.num_key_value_heads, config.head_dim)
+        shape = (batch, config.num_key_value_heads, length, config.head_dim)
         layers = range(config.num_hidden_layers)
         return cls([jnp.zeros(shape, dtype) for _ in layers], [jnp.zeros(shape, dtype) for _ in layers])
 
@@ -82,23 +85,24 @@ class LlamaAttention(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache=None, start=0):
         """x [B, T, H], cos/sin [B, T, D/2], mask [B, T, S]; cache: this layer's (keys, values) or None.
 
-        Returns the output [B, T, H] and the updated (keys, values) [B, S, K, D] (or None).
+        Returns the output [B, T, H] and the updated (keys, values) [B, K, S, D] (or None).
         """
         b, t, _ = x.shape
         k_heads, groups, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, d), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(b, t, k_heads, d), cos, sin)
-        v = self.v_proj(x).reshape(b, t, k_heads, d)
+        k = apply_rope(self.k_proj(x).reshape(b, t, k_heads, d), cos, sin).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, t, k_heads, d).transpose(0, 2, 1, 3)
         if cache is not None:  # write the new keys/values into their slots, attend to the whole cache
             cached_k, cached_v = cache
-            k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), start, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), start, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), start, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), start, axis=2)
             cache = (k, v)
         q = q.reshape(b, t, k_heads, groups, d)  # query head n = k * G + g, as in transformers' repeat_kv
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, self.num_heads * d)
+        out = jnp.einsum("bkgts,bksd->bkgtd", weights, v)  # (b, k, g) lead: a plain batched matmul
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, self.num_heads * d)  # -> [B, T, N * D]
         return self.o_proj(out), cache
 
 
@@ -186,7 +190,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, *, cache: KVCache | None = None, start=0):
         if attention_mask is None:
-            slots = input_ids.shape[1] if cache is None else cache.keys[0].shape[1]
+            slots = input_ids.shape[1] if cache is None else cache.keys[0].shape[2]
             attention_mask = jnp.ones((input_ids.shape[0], slots), bool)
         hidden, cache = self.model(input_ids, attention_mask, cache, start)
         logits = self.logits(hidden)
