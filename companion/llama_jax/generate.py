@@ -228,6 +228,12 @@ def _stream_step(step, tokens):
 # ------------------------------------------------------------------------------- the slow baseline
 
 
+@nnx.jit
+def _full_forward(model: LlamaForCausalLM, input_ids, attention_mask):
+    """One full forward pass, compiled once per (model structure, buffer shape)."""
+    return model(input_ids, attention_mask)
+
+
 def generate_naive(
     model: LlamaForCausalLM,
     input_ids,
@@ -248,10 +254,9 @@ def generate_naive(
     batch, prompt_len = ids.shape
     buffer = np.concatenate([ids, np.full((batch, max_new_tokens), pad_id, np.int32)], axis=1)
     full_mask = np.concatenate([mask, np.ones((batch, max_new_tokens), np.int32)], axis=1)
-    forward = nnx.jit(lambda m, x, am: m(x, am))
     done = np.zeros(batch, bool)
     for step in range(max_new_tokens):
-        logits = forward(model, jnp.asarray(buffer), jnp.asarray(full_mask))
+        logits = _full_forward(model, jnp.asarray(buffer), jnp.asarray(full_mask))
         token = np.asarray(jnp.argmax(logits[:, prompt_len + step - 1], axis=-1)).astype(np.int32)
         token = np.where(done, pad_id, token)
         done |= np.isin(token, eos)
