@@ -115,11 +115,11 @@ def measure_bandwidth(on_gpu: bool) -> dict:
 def weight_bytes(config, itemsize: int) -> int:
     """Bytes of weights a decode step reads: every parameter, except the input embedding of an
     untied model (only one row of it is read per token; a tied one is read whole as the head)."""
-    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
-    params = layers * per_layer + h + config.vocab_size * h  # + final norm + head (tied or not)
-    return params * itemsize
+    from llama_jax.weights import expected_tensors
+
+    skipped = set() if config.tie_word_embeddings else {"model.embed_tokens.weight"}
+    shapes = [shape for name, shape in expected_tensors(config).items() if name not in skipped]
+    return sum(int(np.prod(shape)) for shape in shapes) * itemsize
 
 
 # ------------------------------------------------------------------------------------ the inputs
