@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # pip prints one line per package for every local index that lacks it: keep the output readable
 QUIET := 2>&1 | { grep -v ' is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: install generate test unit-test notebook-test book sync bench clean
+.PHONY: install generate test test-1b-shape book sync bench clean
 
 $(STAMP): requirements.txt companion/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,9 +23,21 @@ install: $(STAMP)
 generate: $(STAMP)
 	$(PY) -m llama_jax generate "The capital of France is" --max-new-tokens 24
 
-# Unit tests, every chapter executed by nbmake, the pairing check and the book build, on 2 workers.
+# Unit tests, every chapter executed by nbmake (bundled SmolLM2), the pairing check and the book build
+# (every chapter executed again, on a 2-layer checkpoint of Llama 3.2 1B's shape), on 2 workers.
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile --nbmake --nbmake-timeout=900 tests book
+
+# Every chapter under nbmake on a random-weight checkpoint of Llama 3.2 1B's full shape (16 layers,
+# 4.3 GB in float32, written once under _build/), one chapter at a time: a chapter holds up to three
+# copies of the model. About 15 minutes on 2 cores (see the README); chapter 10 peaks near 18 GB.
+SHAPE_1B := _build/llama-3.2-1b-shape
+$(SHAPE_1B)/config.json: tests/llama_1b_shape.py | $(STAMP)
+	rm -rf $(SHAPE_1B)
+	$(PY) tests/llama_1b_shape.py $(SHAPE_1B) --layers 16
+
+test-1b-shape: $(SHAPE_1B)/config.json
+	LLAMA_JAX_MODEL=$(abspath $(SHAPE_1B)) $(PY) -m pytest --nbmake --nbmake-timeout=1800 book
 
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going

@@ -50,6 +50,11 @@ TINY_CHECKPOINTS = {
     "untied": (dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), {}),
     "head_dim_32": (dict(tie_word_embeddings=True, head_dim=32, rope_parameters=LLAMA3_ROPE), {}),
     "multi_head": (dict(tie_word_embeddings=False, num_key_value_heads=4, rope_parameters=LLAMA3_ROPE), {}),
+    # 8 query heads with 4 or 8 key/value heads: every mesh of 8 devices can split them (test_sharding.py)
+    "heads_8_kv_4": (dict(tie_word_embeddings=True, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                          rope_parameters=LLAMA3_ROPE), {}),
+    "heads_8_kv_8": (dict(tie_word_embeddings=False, num_attention_heads=8, num_key_value_heads=8, head_dim=8,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), {}),
     # the same model as "untied" (same config and seed), written in several shards with an index
     "sharded": (dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), {"max_shard_size": "100KB"}),
 }

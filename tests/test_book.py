@@ -1,6 +1,9 @@
 """The book: chapter pairs in sync, one repository URL everywhere, and a real build looked at in a browser.
 
-Executing the chapters is ``pytest --nbmake book`` (``make test`` runs it beside these tests).
+``make test`` executes every chapter twice, on two models: ``pytest --nbmake book`` on the bundled
+SmolLM2, and the book build below on a 2-layer checkpoint of Llama 3.2 1B's shape (``llama_1b_shape.py``:
+32/8 heads, hidden 2048, llama3 RoPE scaling, tied head, random weights), so every chapter's claims are
+checked on the headline model's shape too. ``make test-1b-shape`` runs nbmake on all 16 layers.
 """
 
 from __future__ import annotations
@@ -95,12 +98,17 @@ PLOTTING_CHAPTERS = {"04_rope", "05_attention"}  # chapters whose figures the te
 
 @pytest.fixture(scope="module")
 def built_book(tmp_path_factory) -> pathlib.Path:
-    """``jupyter-book build . -W -n --keep-going`` into a temporary folder (every chapter executed)."""
+    """``jupyter-book build . -W -n --keep-going`` into a temporary folder, every chapter executed with
+    ``LLAMA_JAX_MODEL`` pointing at a 2-layer checkpoint of Llama 3.2 1B's shape (a cell that raises
+    fails the build)."""
+    from llama_1b_shape import write_llama_1b_shape
+
     out = tmp_path_factory.mktemp("book")
+    checkpoint = write_llama_1b_shape(tmp_path_factory.mktemp("llama-3.2-1b-shape-2-layers"), num_layers=2)
     jupyter_book = pathlib.Path(sys.executable).with_name("jupyter-book")
     result = subprocess.run(
         [str(jupyter_book), "build", str(ROOT), "--path-output", str(out), "-W", "-n", "--keep-going"],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "LLAMA_JAX_MODEL": checkpoint},
     )
     tail = (result.stdout + result.stderr)[-4000:]
     assert result.returncode == 0, f"book build failed:\n{tail}"
@@ -108,6 +116,7 @@ def built_book(tmp_path_factory) -> pathlib.Path:
 
 
 def test_build_has_every_chapter_executed(built_book):
+    assert "llama-3.2-1b-shape-2-layers" in (built_book / "book" / "00_introduction.html").read_text()
     for chapter in CHAPTERS:
         page = built_book / "book" / f"{chapter.stem}.html"
         assert page.exists(), f"{page} not built"

@@ -8,10 +8,10 @@ import sys
 from safetensors.numpy import load_file, save_file
 
 
-def run_cli(*args):
+def run_cli(*args, env=None):
     return subprocess.run(
         [sys.executable, "-m", "llama_jax", *args], capture_output=True, text=True, timeout=600,
-        env={**os.environ, "TQDM_DISABLE": "1"},
+        env={**os.environ, "TQDM_DISABLE": "1", **(env or {})},
     )
 
 
@@ -43,3 +43,16 @@ def test_checkpoint_with_a_tensor_removed_is_one_line(tiny_checkpoints, tmp_path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert lines[0] == f"error: {directory}: missing 1 tensor(s): model.layers.0.self_attn.k_proj.weight"
+
+
+def test_generate_on_a_mesh_of_three_devices(smollm2_dir):
+    env = {"JAX_NUM_CPU_DEVICES": "3"}  # three virtual CPU devices in the CLI's process
+    result = run_cli("generate", "The capital of France is", "--max-new-tokens", "8", "--mesh", "batch=1,model=3", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    result = run_cli("generate", "x", "--mesh", "batch=1,model=2", env=env)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "cannot be split evenly over mesh axis 'model' of size 2" in result.stderr
+    result = run_cli("generate", "x", "--mesh", "model=4", env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: mesh batch=1 x model=4 needs 4 devices; 3 are available"

@@ -107,20 +107,64 @@ def keras_logits(backbone, ids) -> np.ndarray:
     return np.asarray(backbone.token_embedding(hidden, reverse=True))
 
 
+def keras_backbone(keras_hub, directory, **kwargs):
+    return keras_hub.models.Llama3Backbone.from_preset(directory, dtype="float32", **kwargs)
+
+
 @pytest.mark.parametrize("name", ["llama32_tied", "untied", "multi_head"])
 def test_keras_hub_tiny_equals_keras_forward(keras_hub, tiny_checkpoints, reference, name):
     # head_dim_32 is left out: Keras Hub's Llama always uses hidden/heads and cannot read it.
-    backbone = keras_hub.models.Llama3Backbone.from_preset(tiny_checkpoints[name], dtype="float32", layer_norm_epsilon=1e-5)
-    model = llama_jax.convert.from_keras_hub(backbone, dtype=jnp.float32, progress=False)
-    diff = max_diff(ours(model, IDS[:, :64]), keras_logits(backbone, IDS[:, :64]))
+    directory = tiny_checkpoints[name]
+    kwargs = llama_jax.convert.keras_backbone_kwargs(llama_jax.LlamaConfig.from_hf(directory))
+    backbone = keras_backbone(keras_hub, directory, **kwargs)
+    model = llama_jax.convert.from_keras_hub(backbone, dtype=jnp.float32, checkpoint=directory, progress=False)
+    diff = max_diff(ours(model, IDS), keras_logits(backbone, IDS))
     print(f"{name}: llama_jax vs keras-hub max |diff| = {diff:.2e}")
     assert diff <= TOL
     assert model.config.tie_word_embeddings == (name == "llama32_tied")
     assert model.config.rms_norm_eps == 1e-5 and model.config.num_key_value_heads == backbone.num_key_value_heads
-    if name == "untied":  # Keras Hub reads this one's RoPE fully, so all three agree
-        diff = max_diff(ours(model, IDS[:, :64]), reference(name)[1][:, :64])
-        print(f"{name}: llama_jax (from keras-hub) vs transformers max |diff| = {diff:.2e}")
-        assert diff <= TOL
+    diff = max_diff(ours(model, IDS), reference(name)[1])  # with the right arguments, all three agree
+    print(f"{name}: llama_jax (from keras-hub) vs transformers max |diff| = {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_keras_hub_importer_traps_are_caught(keras_hub, tiny_checkpoints, reference):
+    """keras-hub 0.32 ignores rms_norm_eps and the llama3 scaling of a transformers 5 config; both give
+    wrong logits silently, and from_keras_hub(checkpoint=...) refuses either."""
+    directory = tiny_checkpoints["llama32_tied"]  # saved by transformers 5: rope_parameters
+    assert "rope_parameters" in json.load(open(os.path.join(directory, "config.json")))
+    config = llama_jax.LlamaConfig.from_hf(directory)
+    as_loaded = keras_backbone(keras_hub, directory)
+    assert as_loaded.get_config()["layer_norm_epsilon"] == 1e-6
+    assert as_loaded.get_config()["rope_frequency_adjustment_factor"] is None  # the scaling is dropped
+    eps_only = keras_backbone(keras_hub, directory, layer_norm_epsilon=config.rms_norm_eps)
+    diff = max_diff(keras_logits(eps_only, IDS), reference("llama32_tied")[1])
+    print(f"keras-hub with the right epsilon but no RoPE scaling vs transformers: max |diff| = {diff:.2f}")
+    assert diff > 100 * TOL
+    for backbone, field in ((as_loaded, "rms_norm_eps"), (eps_only, "rope_scaling")):
+        with pytest.raises(ConfigError, match=rf"Keras Hub Llama3Backbone has {field}=.* but its checkpoint has"):
+            llama_jax.convert.from_keras_hub(backbone, checkpoint=directory, progress=False)
+    # without a checkpoint to compare with, the converter is faithful to the (wrong) Keras model
+    model = llama_jax.convert.from_keras_hub(eps_only, dtype=jnp.float32, progress=False)
+    assert model.config.rope_scaling is None
+    assert max_diff(ours(model, IDS), keras_logits(eps_only, IDS)) <= TOL
+    # an epsilon that went through float32 (as GGUF stores it) is the same epsilon
+    rounded = {**llama_jax.convert.keras_backbone_kwargs(config), "layer_norm_epsilon": float(np.float32(1e-5))}
+    assert rounded["layer_norm_epsilon"] != config.rms_norm_eps
+    llama_jax.convert.from_keras_hub(keras_backbone(keras_hub, directory, **rounded), checkpoint=directory, progress=False)
+
+
+def test_save_pretrained_writes_legacy_rope_keys_that_keras_hub_reads(keras_hub, tiny_checkpoints, tmp_path):
+    """transformers 4.x and keras-hub read rope_theta + rope_scaling; save_pretrained keeps writing those."""
+    model = llama_jax.from_pretrained(tiny_checkpoints["llama32_tied"], dtype=jnp.float32, progress=False)
+    saved = llama_jax.save_pretrained(model, tmp_path / "saved")
+    raw = json.load(open(os.path.join(saved, "config.json")))
+    assert "rope_parameters" not in raw and raw["rope_theta"] == 500000.0
+    assert raw["rope_scaling"] == {"rope_type": "llama3", **dataclasses.asdict(model.config.rope_scaling)}
+    backbone = keras_backbone(keras_hub, saved, layer_norm_epsilon=1e-5)
+    assert backbone.get_config()["rope_frequency_adjustment_factor"] == model.config.rope_scaling.factor
+    converted = llama_jax.convert.from_keras_hub(backbone, dtype=jnp.float32, checkpoint=saved, progress=False)
+    assert max_diff(ours(converted), ours(model)) <= TOL
 
 
 def test_keras_hub_bundled_model(keras_hub, smollm2_dir):

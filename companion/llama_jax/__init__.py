@@ -1,20 +1,25 @@
 """llama_jax: Llama 3.x from Hugging Face checkpoints to JAX/Flax NNX (the book's companion package)."""
 
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it from here)
+
 from .checkpoints import default_checkpoint, load_tokenizer, resolve_checkpoint, selected_checkpoint
 from .generate import Sampling, encode_prompts, generate, generate_naive, generate_text, left_pad
 from .config import LLAMA_3_2_1B, ConfigError, LlamaConfig, RopeScaling
 from .model import KVCache, LlamaForCausalLM
+from .sharding import FSDP, TENSOR_PARALLEL, make_mesh
 from .weights import CheckpointError, from_pretrained, save_pretrained
-from . import convert
+from . import convert, sharding
 
 __all__ = [
     "LLAMA_3_2_1B",
     "CheckpointError",
     "ConfigError",
+    "FSDP",
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
     "RopeScaling",
+    "TENSOR_PARALLEL",
     "convert",
     "default_checkpoint",
     "encode_prompts",
@@ -25,7 +30,9 @@ __all__ = [
     "left_pad",
     "Sampling",
     "load_tokenizer",
+    "make_mesh",
     "resolve_checkpoint",
     "save_pretrained",
     "selected_checkpoint",
+    "sharding",
 ]

@@ -9,6 +9,7 @@ other piece of the package (and the book) reads it exactly as it would read Llam
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -53,10 +54,12 @@ def _is_checkpoint(directory: str) -> bool:
 def default_checkpoint(cache_dir: str | None = None) -> str:
     """The bundled SmolLM2-135M-Instruct as a Hugging Face checkpoint directory; built on first use.
 
-    The GGUF's Q4_1 weights are dequantized by transformers to float32 (134.5M parameters, about
-    0.54 GB), saved as ``model.safetensors`` with ``config.json`` and the tokenizer files. The
-    directory is written under a temporary name and renamed into place, so an interrupted build
-    never leaves a half-written checkpoint, and concurrent callers (parallel tests) are safe.
+    The GGUF's Q4_1 weights are dequantized by ``llama_jax.convert.from_gguf`` to float32 (134.5M
+    parameters, about 0.54 GB) and written by ``llama_jax.save_pretrained`` as ``config.json`` and
+    ``model.safetensors``, with ``generation_config.json`` and the tokenizer files built from the GGUF's
+    tokenizer fields (no PyTorch needed). The directory is written under a temporary name and renamed
+    into place, so an interrupted build never leaves a half-written checkpoint, and concurrent callers
+    (parallel tests) are safe.
     """
     target = os.path.join(cache_dir or cache_root(), DEFAULT_MODEL_NAME)
     if os.path.isdir(target) and _is_checkpoint(target):
@@ -65,9 +68,9 @@ def default_checkpoint(cache_dir: str | None = None) -> str:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=os.path.dirname(target))
     try:
-        _gguf_to_hf_checkpoint(gguf_path, tmp)
+        built = _gguf_to_hf_checkpoint(gguf_path, os.path.join(tmp, DEFAULT_MODEL_NAME))
         try:
-            os.rename(tmp, target)
+            os.rename(built, target)
         except OSError:  # another process finished first
             if not _is_checkpoint(target):
                 raise
@@ -76,22 +79,20 @@ def default_checkpoint(cache_dir: str | None = None) -> str:
     return target
 
 
-def _gguf_to_hf_checkpoint(gguf_path: str, out_dir: str) -> None:
-    """transformers reads GGUF (dequantizing it), but refuses to save a model it loaded that way:
-    rebuild a plain LlamaConfig without the quantization config, then save normally."""
-    import torch
-    import transformers
+def _gguf_to_hf_checkpoint(gguf_path: str, out_dir: str) -> str:
+    """The GGUF file as a float32 Hugging Face checkpoint in ``out_dir`` (which must not exist yet)."""
+    import jax.numpy as jnp
 
-    directory, name = os.path.split(gguf_path)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = transformers.LlamaForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(config))
-    plain.load_state_dict(model.state_dict())
-    plain.generation_config = model.generation_config
-    plain.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    from .convert.gguf import from_gguf, tokenizer_from_gguf
+    from .weights import save_pretrained
+
+    model = from_gguf(gguf_path, dtype=jnp.float32)
+    save_pretrained(model, out_dir, tokenizer=tokenizer_from_gguf(gguf_path))
+    config = model.config.to_hf()
+    generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=2)
+    return out_dir
 
 
 def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> str:

@@ -22,8 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .model import KVCache, LlamaForCausalLM
+from .sharding import kv_cache_sharding, mesh_of
 
 PROMPT_BUCKET = 64
 CACHE_BUCKET = 128
@@ -89,21 +92,30 @@ def sample_next(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Ar
 # ------------------------------------------------------------------------------- the fast program
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampling", "stream"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampling", "stream", "mesh"))
 def _generate_program(graphdef, state, input_ids, prompt_mask, max_new_tokens, key, eos_ids, pad_id,
-                      *, cache_len: int, sampling: Sampling, stream: bool):
-    """Prefill + decode loop, compiled as one program. Returns new tokens [B, cache_len - P]."""
+                      *, cache_len: int, sampling: Sampling, stream: bool, mesh: Mesh | None):
+    """Prefill + decode loop, compiled as one program. Returns new tokens [B, cache_len - P].
+
+    On a ``mesh`` (a sharded model), the KV cache is laid out like the model (``kv_cache_sharding``)
+    and the new tokens come back replicated, so that every process can read them."""
     model = nnx.merge(graphdef, state)
     batch, prompt_len = input_ids.shape
     budget = cache_len - prompt_len
     dtype = model.model.embed_tokens.embedding.get_value().dtype
     cache = KVCache.zeros(model.config, batch, cache_len, dtype)
+    if mesh is not None:
+        cache_sharding = kv_cache_sharding(model.config, mesh)
+        cache = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, cache_sharding), cache)
     kv_mask = jnp.zeros((batch, cache_len), bool).at[:, :prompt_len].set(prompt_mask.astype(bool))
 
     def emit(step, token, done):
         token = jnp.where(done, pad_id, token)
-        if stream:
+        if stream and mesh is None:
             jax.debug.callback(_stream_step, step, token, ordered=True)
+        elif stream:  # XLA orders effects on one device only: _InStepOrder restores the order
+            whole = jax.lax.with_sharding_constraint(token, NamedSharding(mesh, P()))
+            jax.debug.callback(_stream_step, step, whole, ordered=False)
         return token, done | jnp.isin(token, eos_ids)
 
     # Prefill: the whole prompt in one pass; only the last position's logits are needed.
@@ -127,7 +139,8 @@ def _generate_program(graphdef, state, input_ids, prompt_mask, max_new_tokens, k
         return step + 1, token, cache, kv_mask, done, out
 
     carry = (jnp.int32(1), token, cache, kv_mask, done, out)
-    return jax.lax.while_loop(keep_going, decode_one, carry)[-1]
+    out = jax.lax.while_loop(keep_going, decode_one, carry)[-1]
+    return out if mesh is None else jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P()))
 
 
 def _check_inputs(model: LlamaForCausalLM, input_ids, attention_mask, max_new_tokens: int):
@@ -191,6 +204,11 @@ def generate(
     filled with the pad id (the config's ``pad_token_id``, else the first EOS id). Greedy unless
     ``temperature > 0``; sampling is reproducible for a given ``seed``. ``callback(step, tokens)`` is
     called with each step's tokens ``[batch]`` as they are produced (for streaming).
+
+    A model loaded with a mesh (``from_pretrained(..., mesh=...)``) generates on that mesh: the batch is
+    split over its ``"batch"`` axis (padded up to a multiple of it with copies of the first row, which are
+    dropped again) and the KV cache like the model's heads. Every process of a multi-process job calls
+    this with the same prompts and gets the same tokens.
     """
     ids, mask = _check_inputs(model, input_ids, attention_mask, max_new_tokens)
     sampling = Sampling(temperature, top_k, top_p)
@@ -202,15 +220,22 @@ def generate(
     mask = np.pad(mask, ((0, 0), (bucket - prompt_len, 0)))
     cache_len = _round_up(bucket + max_new_tokens, CACHE_BUCKET)
     graphdef, state = nnx.split(model)
+    mesh = mesh_of(state)
+    if mesh is not None:  # pad the batch to a multiple of the "batch" axis, then split it over that axis
+        extra = _round_up(batch, mesh.shape["batch"]) - batch
+        ids, mask = (np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) for a in (ids, mask))
+        rows = NamedSharding(mesh, P("batch", None))
+        ids, mask = (jax.make_array_from_callback(a.shape, rows, lambda index, a=a: a[index]) for a in (ids, mask))
     global _active_callback
-    _active_callback = callback
+    _active_callback = None if callback is None else _InStepOrder(callback)
     try:
         tokens = _generate_program(
             graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jnp.int32(max_new_tokens),
             jax.random.key(seed), jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad_id),
-            cache_len=cache_len, sampling=sampling, stream=callback is not None,
+            cache_len=cache_len, sampling=sampling, stream=callback is not None, mesh=mesh,
         )
-        return np.asarray(tokens)[:, :max_new_tokens]
+        # replicated on a mesh: this process's first copy is the whole array
+        return np.asarray(tokens.addressable_data(0))[:batch, :max_new_tokens]
     finally:
         _active_callback = None
 
@@ -223,6 +248,19 @@ _active_callback: Callable[[int, np.ndarray], None] | None = None
 def _stream_step(step, tokens):
     if _active_callback is not None:
         _active_callback(int(step), np.asarray(tokens))
+
+
+class _InStepOrder:
+    """Passes (step, tokens) on to ``callback`` in step order, holding back any that arrive early."""
+
+    def __init__(self, callback):
+        self.callback, self.next_step, self.early = callback, 0, {}
+
+    def __call__(self, step, tokens):
+        self.early[step] = tokens
+        while self.next_step in self.early:
+            self.callback(self.next_step, self.early.pop(self.next_step))
+            self.next_step += 1
 
 
 # ------------------------------------------------------------------------------- the slow baseline

@@ -24,10 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from .config import LlamaConfig
 from .model import LlamaForCausalLM
+from .sharding import TENSOR_PARALLEL, Rules, partition_specs
 
 
 class CheckpointError(ValueError):
@@ -46,18 +48,23 @@ def _abstract_model(config: LlamaConfig, dtype) -> LlamaForCausalLM:
 
 def expected_tensors(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a Hugging Face checkpoint of this config holds, with its (PyTorch-layout) shape."""
-    return dict(_expected_tensors(config))
+    return {name: shape[::-1] if kernel else shape for name, shape, kernel in _parameters(config)}
+
+
+def parameter_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape as the model holds it (kernels (in, out)), by Hugging Face name."""
+    return {name: shape for name, shape, _ in _parameters(config)}
 
 
 @functools.lru_cache(maxsize=16)
-def _expected_tensors(config: LlamaConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    # cached: building even an abstract model takes seconds for a 30-layer config
+def _parameters(config: LlamaConfig) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
+    """(Hugging Face name, parameter shape, is a kernel) of every parameter. Cached: building even an
+    abstract model takes seconds for a 30-layer config."""
     _, state = nnx.split(_abstract_model(config, jnp.float32))
-    shapes = {}
-    for path, variable in nnx.to_flat_state(state):
-        shape = variable.get_value().shape
-        shapes[hf_name(path)] = shape[::-1] if path[-1] == "kernel" else shape
-    return tuple(shapes.items())
+    return tuple(
+        (hf_name(path), tuple(variable.get_value().shape), path[-1] == "kernel")
+        for path, variable in nnx.to_flat_state(state)
+    )
 
 
 def _ignored(name: str, config: LlamaConfig) -> bool:
@@ -100,19 +107,47 @@ def model_from_tensors(
     dtype=jnp.bfloat16,
     source: str = "checkpoint",
     progress: bool = True,
+    mesh: Mesh | None = None,
+    rules: Rules = TENSOR_PARALLEL,
+    read_slice: Callable[[str, tuple[slice, ...]], np.ndarray] | None = None,
 ) -> LlamaForCausalLM:
     """Build the model from Hugging Face-named tensors: ``shapes`` lists them, ``read(name)`` loads one.
 
     Every converter in ``llama_jax.convert`` ends here, after renaming its tensors to Hugging Face's
-    names and layouts.
+    names and layouts. With a ``mesh``, each parameter is split over the devices by ``rules`` (see
+    ``llama_jax.sharding``) and each device's block is built on its own; ``read_slice(name, index)``,
+    when given, reads just that block of a tensor (in Hugging Face's layout) instead of all of it.
     """
     check_tensors(config, shapes, source)
     graphdef, state = nnx.split(_abstract_model(config, dtype))
+    specs = None if mesh is None else partition_specs(config, parameter_shapes(config), mesh, rules)
     filled = []
     for path, variable in tqdm(nnx.to_flat_state(state), desc="loading weights", disable=not progress, leave=False):
-        tensor = jnp.asarray(read(hf_name(path)), dtype=dtype)
-        filled.append((path, variable.replace(tensor.T if path[-1] == "kernel" else tensor)))
+        name, kernel = hf_name(path), path[-1] == "kernel"
+        if specs is None:
+            tensor = jnp.asarray(read(name), dtype=dtype)
+            value = tensor.T if kernel else tensor
+        else:
+            if read_slice is None:
+                whole = np.asarray(read(name))
+                read_block = lambda index, whole=whole: whole[index]
+            else:
+                read_block = lambda index, name=name: read_slice(name, index)
+            sharding = NamedSharding(mesh, specs[name])
+            value = _sharded_parameter(variable.get_value().shape, sharding, kernel, read_block, dtype)
+        filled.append((path, variable.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def _sharded_parameter(shape, sharding, kernel: bool, read_block, dtype) -> jax.Array:
+    """A parameter built device by device: each device's block is read (a kernel's (in, out) block is the
+    transpose of the (out, in) block of the Hugging Face tensor) and placed on that device alone."""
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        data = np.asarray(read_block(index[::-1] if kernel else index))
+        return (data.T if kernel else data).astype(dtype)
+
+    return jax.make_array_from_callback(shape, sharding, block)
 
 
 def hf_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
@@ -143,14 +178,18 @@ def safetensors_files(directory: str) -> list[str]:
     return [os.path.join(directory, f) for f in files]
 
 
-def load_safetensors(directory: str, config: LlamaConfig, *, dtype=jnp.bfloat16, progress=True) -> LlamaForCausalLM:
-    """Read a (single-file or sharded) safetensors checkpoint one tensor at a time into the model."""
+def load_safetensors(
+    directory: str, config: LlamaConfig, *, dtype=jnp.bfloat16, progress=True, mesh: Mesh | None = None,
+    rules: Rules = TENSOR_PARALLEL,
+) -> LlamaForCausalLM:
+    """Read a (single-file or sharded) safetensors checkpoint one tensor at a time into the model; with
+    a ``mesh``, each device reads only its own block of each tensor (``get_slice``)."""
     from safetensors import safe_open
 
     handles, shapes = {}, {}
     for path in safetensors_files(directory):
         try:
-            handle = safe_open(path, framework="flax")
+            handle = safe_open(path, framework="flax" if mesh is None else "numpy")
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"cannot read {path}: {e}") from None
         for name in handle.keys():
@@ -159,19 +198,27 @@ def load_safetensors(directory: str, config: LlamaConfig, *, dtype=jnp.bfloat16,
             handles[name] = handle
             shapes[name] = tuple(handle.get_slice(name).get_shape())
     return model_from_tensors(
-        config, shapes, lambda n: handles[n].get_tensor(n), dtype=dtype, source=directory, progress=progress
+        config, shapes, lambda n: handles[n].get_tensor(n), dtype=dtype, source=directory, progress=progress,
+        mesh=mesh, rules=rules, read_slice=lambda n, index: handles[n].get_slice(n)[index],
     )
 
 
-def from_pretrained(path_or_repo_id: str | os.PathLike, dtype=jnp.bfloat16, *, progress: bool = True) -> LlamaForCausalLM:
+def from_pretrained(
+    path_or_repo_id: str | os.PathLike, dtype=jnp.bfloat16, *, progress: bool = True, mesh: Mesh | None = None,
+    rules: Rules = TENSOR_PARALLEL,
+) -> LlamaForCausalLM:
     """Load a Hugging Face Llama checkpoint: a local directory, or a hub repo id such as
     ``"meta-llama/Llama-3.2-1B"`` (downloaded with ``huggingface_hub``; the token comes from the
-    ``HF_TOKEN`` environment variable or ``huggingface-cli login``)."""
+    ``HF_TOKEN`` environment variable or ``huggingface-cli login``).
+
+    With a ``mesh`` (``llama_jax.make_mesh(batch=..., model=...)``), every parameter is split over its
+    devices by ``rules`` (default ``llama_jax.sharding.TENSOR_PARALLEL``), each device reading only its
+    own block from the files; this works unchanged in every process of a ``jax.distributed`` job."""
     from .checkpoints import resolve_checkpoint
 
     directory = resolve_checkpoint(path_or_repo_id)
     config = LlamaConfig.from_hf(directory)
-    return load_safetensors(directory, config, dtype=dtype, progress=progress)
+    return load_safetensors(directory, config, dtype=dtype, progress=progress, mesh=mesh, rules=rules)
 
 
 def _parse_size(size: int | str) -> int:

@@ -8,7 +8,9 @@ What differs from Hugging Face's format:
 * q/k rows are in Meta's interleaved layout (llama.cpp's converter permutes them back to Meta's order),
   so they are un-permuted exactly as for Meta's checkpoint;
 * Llama 3.1/3.2 files carry llama3 RoPE scaling as a tensor, ``rope_freqs.weight``: for each frequency
-  the number its wavelength is multiplied by.
+  the number its wavelength is multiplied by;
+* the tokenizer is a list of ``tokenizer.ggml.*`` keys (tokens, merges, special token ids) and the chat
+  template, not a ``tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from ..config import ConfigError, LlamaConfig, RopeScaling
 from ..model import LlamaForCausalLM
 from ..rope import default_inverse_frequencies, llama3_scale_frequencies
+from ..sharding import TENSOR_PARALLEL
 from ..weights import CheckpointError, model_from_tensors
 from .meta import unpermute_qk
 
@@ -122,11 +125,26 @@ def gguf_config(meta: dict, shapes: dict, rope_factors: np.ndarray | None, rope_
         tie_word_embeddings="lm_head.weight" not in shapes,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=() if eos is None else (int(eos),),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
 
 
+def _read_gguf(path: str | os.PathLike):
+    """A ``gguf.GGUFReader`` (memory-mapped), or a CheckpointError naming the file."""
+    import gguf
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no GGUF file at {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # bad magic, truncated file, ...
+        raise CheckpointError(f"cannot read {path} as GGUF: {e}") from None
+
+
 def from_gguf(
-    path: str | os.PathLike, dtype=jnp.bfloat16, *, rope_scaling: RopeScaling | None = None, progress: bool = True
+    path: str | os.PathLike, dtype=jnp.bfloat16, *, rope_scaling: RopeScaling | None = None, progress: bool = True,
+    mesh=None, rules=TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:
     """Load a llama.cpp GGUF file (architecture ``llama``), dequantizing every tensor to ``dtype``.
 
@@ -138,13 +156,7 @@ def from_gguf(
     import gguf
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no GGUF file at {path}")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # bad magic, truncated file, ...
-        raise CheckpointError(f"cannot read {path} as GGUF: {e}") from None
-
+    reader = _read_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
     rope_freqs = tensors.pop("rope_freqs.weight", None)
     hf_names = {gguf_to_hf_name(name): name for name in tensors}
@@ -163,4 +175,45 @@ def from_gguf(
             ) from None
         return unpermute_qk(hf_name, np.asarray(w, np.float32).reshape(shapes[hf_name]), config)
 
-    return model_from_tensors(config, shapes, read, dtype=dtype, source=path, progress=progress)
+    return model_from_tensors(config, shapes, read, dtype=dtype, source=path, progress=progress, mesh=mesh, rules=rules)
+
+
+_SPECIAL_TOKEN_IDS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def tokenizer_from_gguf(path: str | os.PathLike):
+    """The tokenizer a GGUF file describes, as a transformers fast tokenizer with the file's special
+    tokens and chat template; ``save_pretrained`` writes it as ``tokenizer.json`` and friends.
+
+    The fields are read with ``gguf`` and turned into a tokenizer by transformers' own GGUF builder,
+    the one ``AutoTokenizer.from_pretrained(directory, gguf_file=...)`` uses (that route reads the file
+    with PyTorch; this one needs no PyTorch).
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    path = os.fspath(path)
+    reader = _read_gguf(path)
+    fields = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    if "tokenizer.ggml.tokens" not in fields:
+        raise CheckpointError(f"{path}: no tokenizer in the file (tokenizer.ggml.tokens is missing)")
+
+    def renamed(group: str) -> dict:  # the file's keys under transformers' names
+        mapping = GGUF_TOKENIZER_MAPPING[group]
+        return {name: fields[f"tokenizer.{key}"] for key, name in mapping.items() if f"tokenizer.{key}" in fields}
+
+    tokenizer_dict = renamed("tokenizer")  # tokens, merges, token types, ...
+    init_kwargs = renamed("tokenizer_config")  # the chat template, add_bos_token
+    if tokenizer_dict.get("tokenizer_type") == "llama":  # sentencepiece: llama.cpp adds BOS unless told not to
+        init_kwargs.setdefault("add_bos_token", True)
+    for name, id_key in _SPECIAL_TOKEN_IDS.items():
+        index = fields.get(f"tokenizer.ggml.{id_key}")
+        init_kwargs[name] = None if index is None else tokenizer_dict["tokens"][index]
+    architecture = reader.fields["general.architecture"].contents()
+    backend, extra_kwargs = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **init_kwargs, **extra_kwargs)

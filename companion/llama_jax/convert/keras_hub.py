@@ -17,14 +17,22 @@ Kernels are (in, out) with the heads split out; PyTorch's weights are (out, in).
 rotate-half, like transformers', so q/k rows need no permutation.
 
 The config comes from the backbone itself (``get_config()``), not from files: the converted model is
-the Keras model, including its RMSNorm epsilon. (Keras Hub's Hugging Face importer does not pass
-``rms_norm_eps``, so a model loaded with ``from_preset(dir)`` uses 1e-6. Build the backbone with
-``Llama3Backbone.from_preset(dir, layer_norm_epsilon=...)`` to match the checkpoint:
-``Llama3CausalLM.from_preset`` does not forward that argument to its backbone.)
+the Keras model, including its RMSNorm epsilon and its RoPE. keras-hub 0.32's Hugging Face importer gets
+two of those wrong without a word:
+
+* it does not pass ``rms_norm_eps``, so the backbone keeps its default of 1e-6;
+* it reads llama3 RoPE scaling only from the legacy ``rope_scaling`` key, so a Llama 3.1/3.2 checkpoint
+  saved by transformers 5 (which writes ``rope_parameters``) loads with plain RoPE.
+
+``keras_backbone_kwargs(config)`` gives the arguments that put both right:
+``Llama3Backbone.from_preset(dir, **keras_backbone_kwargs(LlamaConfig.from_hf(dir)))``
+(``Llama3CausalLM.from_preset`` does not forward them to its backbone: build the backbone first). Pass
+``checkpoint=dir`` to ``from_keras_hub`` and it refuses a Keras model that contradicts its checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax.numpy as jnp
@@ -32,6 +40,7 @@ import numpy as np
 
 from ..config import ConfigError, LlamaConfig, RopeScaling
 from ..model import LlamaForCausalLM
+from ..sharding import TENSOR_PARALLEL
 from ..weights import CheckpointError, model_from_tensors
 
 _LAYER = re.compile(r"^transformer_layer_(\d+)/(.+)$")
@@ -128,11 +137,45 @@ def keras_config(backbone, tokenizer=None) -> LlamaConfig:
     )
 
 
-def from_keras_hub(keras_model_or_backbone, dtype=jnp.bfloat16, *, progress: bool = True) -> LlamaForCausalLM:
+def keras_backbone_kwargs(config: LlamaConfig) -> dict:
+    """The ``Llama3Backbone`` arguments that keras-hub's Hugging Face importer can get wrong (the RMSNorm
+    epsilon, and llama3 RoPE scaling in a transformers 5 config), with the checkpoint's values."""
+    scaling = config.rope_scaling
+    return {
+        "layer_norm_epsilon": config.rms_norm_eps,
+        "rope_max_wavelength": config.rope_theta,
+        "rope_frequency_adjustment_factor": scaling and scaling.factor,
+        "rope_low_freq_factor": scaling and scaling.low_freq_factor,
+        "rope_high_freq_factor": scaling and scaling.high_freq_factor,
+        "rope_pretraining_sequence_length": scaling and scaling.original_max_position_embeddings,
+    }
+
+
+def check_against_checkpoint(config: LlamaConfig, checkpoint, source: str) -> None:
+    """Raise a ConfigError when the Keras model's epsilon or RoPE contradict its Hugging Face checkpoint
+    (a directory, a config.json dict or a LlamaConfig)."""
+    expected = checkpoint if isinstance(checkpoint, LlamaConfig) else LlamaConfig.from_hf(checkpoint)
+    for field in ("rms_norm_eps", "rope_theta", "rope_scaling"):
+        ours, theirs = getattr(config, field), getattr(expected, field)
+        same = math.isclose(ours, theirs, rel_tol=1e-6) if isinstance(ours, float) else ours == theirs
+        if not same:  # (floats: a float32 round trip, 1e-5 -> 9.99999975e-06, is the same epsilon)
+            raise ConfigError(
+                f"{source} has {field}={ours} but its checkpoint has {theirs}; build the backbone with "
+                "Llama3Backbone.from_preset(..., **llama_jax.convert.keras_backbone_kwargs(checkpoint_config))"
+            )
+
+
+def from_keras_hub(
+    keras_model_or_backbone, dtype=jnp.bfloat16, *, checkpoint=None, progress: bool = True, mesh=None,
+    rules=TENSOR_PARALLEL,
+) -> LlamaForCausalLM:
     """Convert a Keras Hub Llama 3 model (``Llama3CausalLM``, or its ``Llama3Backbone``) to llama_jax.
 
     Every Keras variable must map to a Hugging Face tensor with the right layout; anything else (say,
-    the extra scale variables of a quantized Keras model) is named in a CheckpointError.
+    the extra scale variables of a quantized Keras model) is named in a CheckpointError. ``checkpoint``:
+    the Hugging Face checkpoint the Keras model was loaded from (a directory, a config.json dict or a
+    LlamaConfig), if you know it; a Keras model whose RMSNorm epsilon or RoPE differ from it is refused
+    with a ConfigError instead of being converted faithfully into the wrong model.
     """
     backbone = getattr(keras_model_or_backbone, "backbone", keras_model_or_backbone)
     if not hasattr(backbone, "get_config") or "num_query_heads" not in backbone.get_config():
@@ -140,6 +183,8 @@ def from_keras_hub(keras_model_or_backbone, dtype=jnp.bfloat16, *, progress: boo
     preprocessor = getattr(keras_model_or_backbone, "preprocessor", None)
     config = keras_config(backbone, getattr(preprocessor, "tokenizer", None))
     source = f"Keras Hub {type(keras_model_or_backbone).__name__}"
+    if checkpoint is not None:
+        check_against_checkpoint(config, checkpoint, source)
 
     variables, shapes = {}, {}
     for variable in backbone.weights:
@@ -156,4 +201,6 @@ def from_keras_hub(keras_model_or_backbone, dtype=jnp.bfloat16, *, progress: boo
     def read(hf_name: str) -> np.ndarray:
         return to_hf_layout(hf_name, np.asarray(variables[hf_name].value))
 
-    return model_from_tensors(config, shapes, read, dtype=dtype, source=source, progress=progress)
+    return model_from_tensors(
+        config, shapes, read, dtype=dtype, source=source, progress=progress, mesh=mesh, rules=rules
+    )

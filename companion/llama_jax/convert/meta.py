@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ConfigError, LlamaConfig, RopeScaling
+from ..extras import import_torch
 from ..model import LlamaForCausalLM
+from ..sharding import TENSOR_PARALLEL
 from ..weights import CheckpointError, hf_tensors, model_from_tensors
 
 # Meta name -> Hugging Face name; "{i}" is the layer index.
@@ -158,7 +160,8 @@ def meta_to_hf_name(name: str) -> str:
 
 
 def from_meta(
-    directory: str | os.PathLike, dtype=jnp.bfloat16, rope_scaling_factor: float | None = None, *, progress: bool = True
+    directory: str | os.PathLike, dtype=jnp.bfloat16, rope_scaling_factor: float | None = None, *, progress: bool = True,
+    mesh=None, rules=TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:
     """Load Meta's original checkpoint (``params.json`` + ``consolidated.00.pth``).
 
@@ -172,7 +175,7 @@ def from_meta(
     ``bos_token_id``/``eos_token_id`` are left empty; ``max_position_embeddings`` is ``max_seq_len`` when
     given, else 131072 with scaled RoPE and 8192 without.
     """
-    import torch
+    torch = import_torch("from_meta")
 
     directory = os.fspath(directory)
     params = _read_params(directory)
@@ -205,7 +208,7 @@ def from_meta(
     def read(hf_name: str) -> np.ndarray:
         return unpermute_qk(hf_name, state[meta_names[hf_name]].to(torch.float32).numpy(), config)
 
-    return model_from_tensors(config, shapes, read, dtype=dtype, source=path, progress=progress)
+    return model_from_tensors(config, shapes, read, dtype=dtype, source=path, progress=progress, mesh=mesh, rules=rules)
 
 
 def to_meta(model: LlamaForCausalLM, directory: str | os.PathLike) -> str:
@@ -217,7 +220,7 @@ def to_meta(model: LlamaForCausalLM, directory: str | os.PathLike) -> str:
     is not written (pass it to ``from_meta``). ``ffn_dim_multiplier``/``multiple_of`` are chosen so that
     Meta's formula gives the model's intermediate size exactly. Anything else raises a ConfigError.
     """
-    import torch
+    torch = import_torch("to_meta")
 
     config = model.config
     if config.head_dim * config.num_attention_heads != config.hidden_size:

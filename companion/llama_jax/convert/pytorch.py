@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import LlamaConfig
+from ..extras import import_torch
 from ..model import LlamaForCausalLM
+from ..sharding import TENSOR_PARALLEL
 from ..weights import CheckpointError, model_from_tensors
 
 
@@ -27,14 +29,14 @@ def _config(config: Any) -> LlamaConfig:
 
 
 def from_torch_state_dict(
-    state_dict: Mapping[str, Any], config: Any, dtype=jnp.bfloat16, *, progress: bool = True
+    state_dict: Mapping[str, Any], config: Any, dtype=jnp.bfloat16, *, progress: bool = True, mesh=None,
+    rules=TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:
     """Build the model from a transformers ``LlamaForCausalLM.state_dict()`` (torch tensors, any dtype).
 
     ``config``: a ``llama_jax.LlamaConfig``, the transformers model's ``config``, or a config.json dict.
     """
-    import torch
-
+    torch = import_torch("from_torch_state_dict")
     config = _config(config)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, not {type(state_dict).__name__}")
@@ -47,4 +49,6 @@ def from_torch_state_dict(
         # numpy has no bfloat16: go through float32, which holds every bfloat16/float16 value exactly
         return state_dict[name].detach().to("cpu", torch.float32).numpy()
 
-    return model_from_tensors(config, shapes, read, dtype=dtype, source="state_dict", progress=progress)
+    return model_from_tensors(
+        config, shapes, read, dtype=dtype, source="state_dict", progress=progress, mesh=mesh, rules=rules
+    )
