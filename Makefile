@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # pip prints one line per package for every local index that lacks it: keep the output readable
 QUIET := 2>&1 | { grep -v ' is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: install generate test test-1b-shape book sync bench clean
+.PHONY: install generate test test-1b-shape book sync bench bench-train clean
 
 $(STAMP): requirements.txt companion/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -48,6 +48,9 @@ sync: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/generate.py
+
+bench-train: $(STAMP)
+	$(PY) bench/train.py
 
 clean:
 	rm -rf _build .pytest_cache

@@ -129,7 +129,26 @@ def tiny(checkpoint: str) -> dict:
         figures[name] = {"logits max abs diff": logits_diff, "bytes read": bytes_read,
                          "same greedy tokens": bool(np.array_equal(tokens, ref_tokens))}
         assert logits_diff <= 1e-4 and np.array_equal(tokens, ref_tokens), (name, figures[name])
+    figures["LoRA train step, TP (2,4) vs one device"] = lora_steps(checkpoint, llama_jax.make_mesh(batch=2, model=4))
     return figures
+
+
+def lora_steps(checkpoint: str, mesh) -> dict:
+    """Two LoRA train steps on a sharded model give the losses of the same steps on one device."""
+    rng = np.random.default_rng(1)
+    ids, mask = llama_jax.left_pad([rng.integers(3, 200, n).tolist() for n in (32, 25, 32, 30)])
+    loss_mask = np.zeros_like(mask)
+    loss_mask[:, -12:] = 1
+    losses = []
+    for on in (None, mesh):
+        model = llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False, mesh=on)
+        llama_jax.add_lora(model, rank=4, alpha=8)
+        optimizer = llama_jax.train.lora_optimizer(model, 1e-2)
+        steps = [llama_jax.train.train_step(model, optimizer, ids, mask, loss_mask) for _ in range(2)]
+        losses.append([*steps, llama_jax.train.evaluate(model, ids, mask, loss_mask)])
+    relative = max(abs(a - b) / abs(a) for a, b in zip(*losses))
+    assert relative <= 1e-5 and losses[0][2] < losses[0][0], losses
+    return {"losses (one device)": losses[0], "losses (mesh)": losses[1], "largest relative difference": relative}
 
 
 def bundled() -> dict:

@@ -34,3 +34,20 @@ def test_bench_runs_all_frameworks_on_a_tiny_checkpoint(tiny_checkpoints, tmp_pa
         float(cells[3])  # decode tokens/s is a number (its value is not asserted; on a tiny model it may be nan)
         if not cells[0].startswith("transformers"):
             assert cells[-1] == "4/4", row
+
+
+def test_train_bench_runs_on_a_tiny_checkpoint(tiny_checkpoints, tmp_path):
+    output = tmp_path / "TRAIN_RESULTS.md"
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "train.py"), "--model", tiny_checkpoints["untied"],
+         "--batch", "2", "--length", "16", "--rank", "4", "--steps", "2", "--output", str(output)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = output.read_text()
+    print(report)
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "framework" not in line]
+    assert len(rows) == 2 and rows[0].startswith("| llama_jax") and rows[1].startswith("| transformers + peft")
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[3]) > 0 and cells[4].endswith("x")  # tokens/s and the ratio (values not asserted)

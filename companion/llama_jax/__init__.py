@@ -6,12 +6,14 @@ from .checkpoints import default_checkpoint, load_tokenizer, resolve_checkpoint,
 from .generate import Sampling, encode_prompts, generate, generate_naive, generate_text, left_pad
 from .config import LLAMA_3_2_1B, ConfigError, LlamaConfig, RopeScaling
 from .model import KVCache, LlamaForCausalLM
+from .lora import AdapterError, add_lora, load_adapter, merge_lora, save_adapter
 from .sharding import FSDP, TENSOR_PARALLEL, make_mesh
 from .weights import CheckpointError, from_pretrained, save_pretrained
-from . import convert, sharding
+from . import convert, lora, sharding, train
 
 __all__ = [
     "LLAMA_3_2_1B",
+    "AdapterError",
     "CheckpointError",
     "ConfigError",
     "FSDP",
@@ -20,6 +22,7 @@ __all__ = [
     "LlamaForCausalLM",
     "RopeScaling",
     "TENSOR_PARALLEL",
+    "add_lora",
     "convert",
     "default_checkpoint",
     "encode_prompts",
@@ -29,10 +32,15 @@ __all__ = [
     "generate_text",
     "left_pad",
     "Sampling",
+    "load_adapter",
     "load_tokenizer",
+    "lora",
     "make_mesh",
+    "merge_lora",
     "resolve_checkpoint",
+    "save_adapter",
     "save_pretrained",
     "selected_checkpoint",
     "sharding",
+    "train",
 ]

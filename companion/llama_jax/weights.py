@@ -152,6 +152,11 @@ def _sharded_parameter(shape, sharding, kernel: bool, read_block, dtype) -> jax.
 
 def hf_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
     """The model's parameters under Hugging Face names and layouts (numpy, the model's dtype)."""
+    if nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        raise CheckpointError(
+            "the model has LoRA adapters: save them with llama_jax.save_adapter, or merge them first "
+            "(llama_jax.merge_lora(model))"
+        )
     tensors = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = np.asarray(variable.get_value())

@@ -1,0 +1,237 @@
+"""LoRA adapters: a trainable low-rank update beside frozen projection weights, in peft's file format.
+
+``add_lora(model, rank, alpha)`` swaps each targeted ``nnx.Linear`` (``q_proj``, ..., ``down_proj``) for a
+``LoRALinear`` that keeps the same ``kernel`` Param at the same path, so Hugging Face names still map to
+it, and adds ``lora_a`` (in, rank) and ``lora_b`` (rank, out) as ``nnx.LoRAParam``s:
+
+    y = x @ kernel + (x @ lora_a @ lora_b) * alpha / rank
+
+exactly peft's LoRA (``lora_A.weight`` is ``lora_a.T``, ``lora_B.weight`` is ``lora_b.T``). ``lora_b`` starts
+at zero, so a fresh adapter changes nothing. The model code itself is untouched.
+
+``save_adapter`` / ``load_adapter`` read and write peft's ``adapter_config.json`` +
+``adapter_model.safetensors``; ``merge_lora`` folds the update into the kernels and returns a plain model
+that ``save_pretrained`` can write.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .config import ConfigError
+from .model import LlamaForCausalLM
+from .sharding import mesh_of
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PEFT_PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter that does not fit the model, or a file that is not a LoRA adapter this package reads."""
+
+
+class LoRALinear(nnx.Module):
+    """A projection with a LoRA update; ``kernel`` is the wrapped ``nnx.Linear``'s own (frozen) Param."""
+
+    def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, key: jax.Array, dtype=jnp.float32):
+        in_features, out_features = base.kernel.get_value().shape
+        self.kernel = base.kernel  # the same Param, at the same path: Hugging Face names keep working
+        self.compute_dtype = base.dtype or base.kernel.get_value().dtype
+        self.rank, self.alpha = rank, alpha
+        bound = 1 / math.sqrt(in_features)  # peft's default: kaiming_uniform(a=sqrt(5)) on lora_A (r, in)
+        self.lora_a = nnx.LoRAParam(jax.random.uniform(key, (in_features, rank), dtype, -bound, bound))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), dtype))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x.astype(self.compute_dtype) @ self.kernel[...].astype(self.compute_dtype)  # as nnx.Linear
+        a, b = self.lora_a[...], self.lora_b[...]
+        update = (x.astype(a.dtype) @ a @ b) * self.scaling  # in the adapters' dtype (float32)
+        return y + update.astype(y.dtype)
+
+
+def _projections(model: LlamaForCausalLM):
+    """(layer index, parent module, attribute name) of every projection of every decoder layer."""
+    for i, layer in enumerate(model.model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for name in TARGETS:
+                if hasattr(parent, name):
+                    yield i, parent, name
+
+
+def _place_like(array: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Replicate an adapter array over the kernel's mesh, if the model is sharded."""
+    mesh = mesh_of([kernel])
+    return array if mesh is None else jax.device_put(array, NamedSharding(mesh, P()))
+
+
+def add_lora(
+    model: LlamaForCausalLM, rank: int = 16, alpha: float = 32, targets: Sequence[str] = TARGETS, seed: int = 0,
+    dtype=jnp.float32,
+) -> LlamaForCausalLM:
+    """Add LoRA adapters (in place; returns the model) to the projections named in ``targets``."""
+    if rank < 1:
+        raise ConfigError(f"LoRA rank must be >= 1, got {rank}")
+    if unknown := sorted(set(targets) - set(TARGETS)):
+        raise ConfigError(f"LoRA targets {unknown} match no layer; the projections are {list(TARGETS)}")
+    key = jax.random.key(seed)
+    for i, parent, name in _projections(model):
+        base = getattr(parent, name)
+        if name not in targets or isinstance(base, LoRALinear):
+            continue
+        key, subkey = jax.random.split(key)
+        adapter = LoRALinear(base, rank, alpha, key=subkey, dtype=dtype)
+        kernel = adapter.kernel.get_value()
+        adapter.lora_a.set_value(_place_like(adapter.lora_a.get_value(), kernel))
+        adapter.lora_b.set_value(_place_like(adapter.lora_b.get_value(), kernel))
+        setattr(parent, name, adapter)
+    return model
+
+
+def _adapters(model: LlamaForCausalLM) -> list[tuple[str, LoRALinear]]:
+    """(Hugging Face module name, adapter) of every LoRA projection, e.g. 'model.layers.0.self_attn.q_proj'."""
+    found = []
+    for i, parent, name in _projections(model):
+        module = getattr(parent, name)
+        if isinstance(module, LoRALinear):
+            group = "self_attn" if parent is model.model.layers[i].self_attn else "mlp"
+            found.append((f"model.layers.{i}.{group}.{name}", module))
+    return found
+
+
+def trainable_parameters(model: LlamaForCausalLM) -> int:
+    """How many numbers the adapters hold (what peft's ``print_trainable_parameters`` calls trainable)."""
+    return sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
+
+
+def merge_lora(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """A plain model (no adapters) whose kernels are ``kernel + lora_a @ lora_b * alpha / rank``, in the
+    model's dtype; ``model`` itself is left as it is."""
+    dtype = model.model.embed_tokens.embedding.get_value().dtype
+    merged = {name: module for name, module in _adapters(model)}
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(model.config, dtype=dtype, rngs=nnx.Rngs(0))))
+    source = {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+              if not isinstance(v, nnx.LoRAParam)}
+    filled = []
+    for path, variable in nnx.to_flat_state(state):
+        value = source[path]
+        module = merged.get(".".join(str(step) for step in path[:-1]))
+        if module is not None:
+            update = (module.lora_a.get_value() @ module.lora_b.get_value()) * module.scaling
+            value = (value.astype(jnp.float32) + update.astype(jnp.float32)).astype(dtype)
+        filled.append((path, variable.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+# --------------------------------------------------------------------------------- peft's file format
+
+
+def save_adapter(model: LlamaForCausalLM, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                 overwrite: bool = False) -> str:
+    """Write the adapters as peft does (``adapter_config.json`` + ``adapter_model.safetensors``), so that
+    ``peft.PeftModel.from_pretrained(transformers_model, directory)`` loads them. Written into a temporary
+    directory and renamed into place; an existing non-empty ``directory`` is refused unless ``overwrite``."""
+    from safetensors.numpy import save_file
+
+    adapters = _adapters(model)
+    if not adapters:
+        raise AdapterError("the model has no LoRA adapters: add_lora(model, ...) first")
+    ranks_alphas = {(m.rank, m.alpha) for _, m in adapters}
+    if len(ranks_alphas) > 1:
+        raise AdapterError(f"adapters with different (rank, alpha) {sorted(ranks_alphas)}: peft's format holds one")
+    (rank, alpha), = ranks_alphas
+    tensors = {}
+    for name, module in adapters:
+        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(module.lora_a.get_value()).T)
+        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(module.lora_b.get_value()).T)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": sorted({name.rsplit(".", 1)[1] for name, _ in adapters}), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path, "modules_to_save": None,
+    }
+    target = os.path.abspath(os.fspath(directory))
+    if os.path.isdir(target) and os.listdir(target) and not overwrite:
+        raise AdapterError(f"{target} already exists and is not empty; pass overwrite=True to replace it")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-", dir=os.path.dirname(target))
+    try:
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_adapter(model: LlamaForCausalLM, directory: str | os.PathLike) -> LlamaForCausalLM:
+    """Add the LoRA adapter saved in ``directory`` (peft's format, e.g. by ``PeftModel.save_pretrained``) to
+    ``model`` (in place; returns it). Every tensor must fit a projection of the model; anything this package
+    cannot reproduce exactly (DoRA, rsLoRA, per-module ranks, biases, extra trained modules) is refused."""
+    from safetensors.numpy import load_file
+
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, "adapter_config.json")
+    weights_path = os.path.join(directory, "adapter_model.safetensors")
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise AdapterError(f"{directory} is not a peft adapter: {os.path.basename(path)} is missing")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{config_path}: peft_type={config.get('peft_type')!r}; only 'LORA' is supported")
+    for field, fine in (("use_dora", False), ("use_rslora", False), ("bias", "none"), ("fan_in_fan_out", False)):
+        if config.get(field, fine) != fine:
+            raise AdapterError(f"{config_path}: unsupported {field}={config[field]!r}")
+    for field in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform"):
+        if config.get(field):
+            raise AdapterError(f"{config_path}: unsupported {field}={config[field]!r}")
+
+    tensors = load_file(weights_path)
+    pattern = re.compile(re.escape(_PEFT_PREFIX) + r"(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+))\.lora_([AB])\.weight")
+    found: dict[str, dict[str, np.ndarray]] = {}
+    for name, tensor in tensors.items():
+        match = pattern.fullmatch(name)
+        if match is None or match.group(2) not in TARGETS:
+            raise AdapterError(f"{weights_path}: tensor {name} fits no projection of a Llama model")
+        found.setdefault(match.group(1), {})[match.group(3)] = tensor
+    targets = sorted({module.rsplit(".", 1)[1] for module in found})
+    add_lora(model, rank=int(config["r"]), alpha=float(config["lora_alpha"]), targets=targets)
+    adapters = dict(_adapters(model))
+    if missing := sorted(set(adapters) - set(found)):
+        raise AdapterError(f"{weights_path}: no adapter for {missing[0]} (and {len(missing) - 1} more)")
+    for module_name, pair in found.items():
+        module = adapters.get(module_name)
+        if module is None:
+            raise AdapterError(f"{weights_path}: {module_name} is not in this model")
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"{weights_path}: {module_name} has lora_{''.join(pair)} only")
+        for part, variable in (("A", module.lora_a), ("B", module.lora_b)):
+            value = pair[part].T
+            if value.shape != variable.get_value().shape:
+                raise AdapterError(
+                    f"{weights_path}: {module_name}.lora_{part}.weight has shape {pair[part].shape}, the model "
+                    f"needs {variable.get_value().shape[::-1]} (another base model or rank?)"
+                )
+            variable.set_value(_place_like(jnp.asarray(value, variable.get_value().dtype), module.kernel.get_value()))
+    return model
