@@ -139,7 +139,7 @@ def main(argv=None) -> None:
         f"{', '.join(TARGETS)}; AdamW, learning rate 1e-4; {args.steps} steps, the first reported apart "
         "(llama_jax compiles then). One run: compare the ratios, not figures from different runs.", "",
         *rows, "",
-        "First-step losses (same data, same adapter shape, different random adapter init): "
+        "First-step losses (B starts at zero, so both are the base model's loss on the same batch): "
         + ", ".join(f"{r['framework']} {r['losses'][0]:.3f}" for r in results), "",
     ])
     print(report)
