@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .model import KVCache, LlamaForCausalLM
-from .sharding import kv_cache_sharding, mesh_of
+from .sharding import kv_cache_sharding, mesh_of, split_rows
 
 PROMPT_BUCKET = 64
 CACHE_BUCKET = 128
@@ -223,9 +223,7 @@ def generate(
     mesh = mesh_of(state)
     if mesh is not None:  # pad the batch to a multiple of the "batch" axis, then split it over that axis
         extra = _round_up(batch, mesh.shape["batch"]) - batch
-        ids, mask = (np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) for a in (ids, mask))
-        rows = NamedSharding(mesh, P("batch", None))
-        ids, mask = (jax.make_array_from_callback(a.shape, rows, lambda index, a=a: a[index]) for a in (ids, mask))
+        ids, mask = split_rows(mesh, *(np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) for a in (ids, mask)))
     global _active_callback
     _active_callback = None if callback is None else _InStepOrder(callback)
     try:

@@ -23,6 +23,7 @@ import re
 from typing import Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -133,6 +134,13 @@ def kv_cache_sharding(config: LlamaConfig, mesh: Mesh) -> NamedSharding:
     "model" if the heads do not divide, which the default rules already refuse)."""
     heads = "model" if config.num_key_value_heads % _axis_size(mesh, "model") == 0 else None
     return NamedSharding(mesh, P("batch", heads, None, None))
+
+
+def split_rows(mesh: Mesh, *arrays: np.ndarray) -> list[jax.Array]:
+    """Host arrays [B, ...] as global arrays split over the mesh's "batch" axis (B must be a multiple of
+    it). Each process builds only its own devices' rows, so this works in a multi-process job too."""
+    rows = NamedSharding(mesh, P("batch"))
+    return [jax.make_array_from_callback(a.shape, rows, lambda index, a=a: a[index]) for a in arrays]
 
 
 def mesh_of(tree) -> Mesh | None:

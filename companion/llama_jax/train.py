@@ -19,12 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from .model import LlamaForCausalLM
-from .sharding import mesh_of
+from .sharding import mesh_of, split_rows
 
 
 def causal_lm_loss(model: LlamaForCausalLM, input_ids, attention_mask, loss_mask) -> jax.Array:
@@ -73,8 +71,7 @@ def _on_mesh(model, *arrays):
     rows = mesh.shape["batch"]
     if arrays[0].shape[0] % rows:
         raise ValueError(f"batch of {arrays[0].shape[0]} is not a multiple of the mesh's 'batch' axis ({rows})")
-    sharding = NamedSharding(mesh, P("batch", None))
-    return [jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index]) for a in arrays]
+    return split_rows(mesh, *arrays)
 
 
 def _check_batch(input_ids, attention_mask, loss_mask):
