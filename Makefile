@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # pip prints one line per package for every local index that lacks it: keep the output readable
 QUIET := 2>&1 | { grep -v ' is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: install generate test test-1b-shape book sync bench bench-train clean
+.PHONY: install generate lint format test test-1b-shape book sync bench bench-train clean
 
 $(STAMP): requirements.txt companion/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,9 +23,18 @@ install: $(STAMP)
 generate: $(STAMP)
 	$(PY) -m llama_jax generate "The capital of France is" --max-new-tokens 24
 
+# One formatter and linter (settings in pyproject.toml): seconds, so it runs first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check companion tests bench
+	$(VENV)/bin/ruff check companion tests bench
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format companion tests bench
+	$(VENV)/bin/ruff check --fix companion tests bench
+
 # Unit tests, every chapter executed by nbmake (bundled SmolLM2), the pairing check and the book build
 # (every chapter executed again, on a 2-layer checkpoint of Llama 3.2 1B's shape), on 2 workers.
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -n 2 --dist loadfile --nbmake --nbmake-timeout=900 tests book
 
 # Every chapter under nbmake on a random-weight checkpoint of Llama 3.2 1B's full shape (16 layers,

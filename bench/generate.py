@@ -109,7 +109,11 @@ def measure_bandwidth(on_gpu: bool) -> dict:
     one_core = x.nbytes / best(x.sum, 5) / 1e9
     xj = jnp.asarray(x)
     all_cores = x.nbytes / best(lambda: total(xj).block_until_ready(), 5) / 1e9
-    return {"numpy_1_core_gbs": one_core, "jax_all_cores_gbs": all_cores, "roofline_gbs": max(one_core, all_cores)}
+    return {
+        "numpy_1_core_gbs": one_core,
+        "jax_all_cores_gbs": all_cores,
+        "roofline_gbs": max(one_core, all_cores),
+    }
 
 
 def weight_bytes(config, itemsize: int) -> int:
@@ -149,14 +153,18 @@ def write_random_llama_1b(directory: str) -> str:
 
 def make_prompts(directory: str, config, batch: int, length: int) -> np.ndarray:
     """[batch, length] token ids: windows of PASSAGE with the checkpoint's tokenizer, else random ids."""
-    has_tokenizer = any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model"))
+    has_tokenizer = any(
+        os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model")
+    )
     if not has_tokenizer:  # (the random 1B model has none)
         return np.random.default_rng(0).integers(3, config.vocab_size, (batch, length)).astype(np.int32)
     import llama_jax
 
     ids = llama_jax.load_tokenizer(directory)(PASSAGE)["input_ids"]
     if len(ids) < 8 * (batch - 1) + length:
-        raise SystemExit(f"--prompt-tokens {length} with batch {batch} needs a longer passage ({len(ids)} tokens)")
+        raise SystemExit(
+            f"--prompt-tokens {length} with batch {batch} needs a longer passage ({len(ids)} tokens)"
+        )
     return np.array([ids[8 * row : 8 * row + length] for row in range(batch)], np.int32)
 
 
@@ -198,10 +206,14 @@ def setup_transformers(directory, config, dtype, on_gpu):
         ids = torch.as_tensor(ids, device=device)
         with torch.inference_mode():
             out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
-                max_new_tokens=n, pad_token_id=pad,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                use_cache=True,
+                max_new_tokens=n,
+                pad_token_id=pad,
             )
-        return out[:, ids.shape[1]:].cpu().numpy()
+        return out[:, ids.shape[1] :].cpu().numpy()
 
     return generate
 
@@ -230,7 +242,12 @@ def setup_keras_hub(directory, config, dtype, on_gpu):
     return generate
 
 
-SETUPS = {"llama_jax": setup_llama_jax, "transformers": setup_transformers, "keras_hub": setup_keras_hub, "naive": setup_naive}
+SETUPS = {
+    "llama_jax": setup_llama_jax,
+    "transformers": setup_transformers,
+    "keras_hub": setup_keras_hub,
+    "naive": setup_naive,
+}
 
 
 # ------------------------------------------------------------------------------ one framework
@@ -274,8 +291,11 @@ def worker(args) -> None:
     for batch in args.batch_sizes:
         ids = make_prompts(args.model, config, batch, args.prompt_tokens)
         results["batches"][str(batch)] = measure(generate, ids, new_tokens, args.repeats)
-        print(f"  {args.worker} batch {batch}: {results['batches'][str(batch)]['decode_tok_s']:.1f} tokens/s",
-              file=sys.stderr, flush=True)
+        print(
+            f"  {args.worker} batch {batch}: {results['batches'][str(batch)]['decode_tok_s']:.1f} tokens/s",
+            file=sys.stderr,
+            flush=True,
+        )
     results["peak_rss_gb"] = peak_rss_gb()
     if args.on_gpu:
         results["peak_device_gb"] = device_peak_gb(args.worker)
@@ -305,10 +325,24 @@ def device_peak_gb(framework: str) -> float | None:
 
 def run_worker(framework: str, args) -> dict | None:
     command = [
-        sys.executable, os.path.abspath(__file__), "--worker", framework, "--model", args.model,
-        "--dtype", args.dtype, "--new-tokens", str(args.new_tokens), "--naive-new-tokens", str(args.naive_new_tokens),
-        "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--prompt-tokens", str(args.prompt_tokens),
-        "--repeats", str(args.repeats),
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        framework,
+        "--model",
+        args.model,
+        "--dtype",
+        args.dtype,
+        "--new-tokens",
+        str(args.new_tokens),
+        "--naive-new-tokens",
+        str(args.naive_new_tokens),
+        "--batch-sizes",
+        ",".join(map(str, args.batch_sizes)),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--repeats",
+        str(args.repeats),
     ] + (["--on-gpu"] if args.on_gpu else [])
     print(f"{framework}: running", file=sys.stderr, flush=True)
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
@@ -316,7 +350,7 @@ def run_worker(framework: str, args) -> dict | None:
     if done.returncode != 0 or not lines:
         print(f"{framework}: FAILED (exit {done.returncode}); skipped", file=sys.stderr)
         return None
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # ------------------------------------------------------------------------------------ the report
@@ -325,8 +359,20 @@ def run_worker(framework: str, args) -> dict | None:
 def table(results: list[dict], roofline_tok_s: float) -> str:
     reference = next((r for r in results if r["framework"] == "transformers"), None)
     on_gpu = any("peak_device_gb" in r for r in results)
-    header = ["framework", "batch", "TTFT (ms)", "decode tok/s", "vs transformers", "% of roofline",
-              "compile (s)", "peak RSS (GB)"] + (["peak GPU mem (GB)"] if on_gpu else []) + ["same tokens as transformers"]
+    header = (
+        [
+            "framework",
+            "batch",
+            "TTFT (ms)",
+            "decode tok/s",
+            "vs transformers",
+            "% of roofline",
+            "compile (s)",
+            "peak RSS (GB)",
+        ]
+        + (["peak GPU mem (GB)"] if on_gpu else [])
+        + ["same tokens as transformers"]
+    )
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
         for batch, m in result["batches"].items():
@@ -339,8 +385,16 @@ def table(results: list[dict], roofline_tok_s: float) -> str:
                 same = f"{agree}/{n}"
             else:
                 same = "-"
-            cells = [LABELS[result["framework"]], batch, f"{1000 * m['ttft_s']:.0f}", f"{m['decode_tok_s']:.1f}",
-                     speedup, roof, f"{m['compile_s']:.1f}", f"{result['peak_rss_gb']:.2f}"]
+            cells = [
+                LABELS[result["framework"]],
+                batch,
+                f"{1000 * m['ttft_s']:.0f}",
+                f"{m['decode_tok_s']:.1f}",
+                speedup,
+                roof,
+                f"{m['compile_s']:.1f}",
+                f"{result['peak_rss_gb']:.2f}",
+            ]
             if on_gpu:
                 peak = result.get("peak_device_gb")
                 cells.append("-" if peak is None else f"{peak:.2f}")
@@ -351,14 +405,17 @@ def table(results: list[dict], roofline_tok_s: float) -> str:
 def report(args, machine, bandwidth, model_line, weights_gb, roofline_tok_s, results, skipped) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
     if "numpy_1_core_gbs" in bandwidth:
-        bw = (f"{bandwidth['numpy_1_core_gbs']:.1f} GB/s on one core (numpy sum over 1 GiB), "
-              f"{bandwidth['jax_all_cores_gbs']:.1f} GB/s on all cores (jitted JAX sum); the roofline uses the larger")
+        bw = (
+            f"{bandwidth['numpy_1_core_gbs']:.1f} GB/s on one core (numpy sum over 1 GiB), "
+            f"{bandwidth['jax_all_cores_gbs']:.1f} GB/s on all cores (jitted JAX sum); the roofline uses the larger"
+        )
     else:
         bw = f"{bandwidth['device_gbs']:.0f} GB/s (jitted JAX sum over 2 GiB in device memory)"
     lines = [
         "# Generation benchmark",
         "",
-        f"Produced by `python bench/generate.py {' '.join(sys.argv[1:])}`".rstrip() + f" on {machine['date']}.",
+        f"Produced by `python bench/generate.py {' '.join(sys.argv[1:])}`".rstrip()
+        + f" on {machine['date']}.",
         "",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM"
         + (f"; GPU: {args.gpu_name}" if args.on_gpu else "; CPU only"),
@@ -384,14 +441,26 @@ def report(args, machine, bandwidth, model_line, weights_gb, roofline_tok_s, res
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="a local Hugging Face Llama checkpoint directory (default: the bundled SmolLM2)")
-    source.add_argument("--random-llama-3.2-1b", dest="random_1b", action="store_true",
-                        help="random weights in Llama 3.2 1B's shape, written to a temporary checkpoint")
-    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated subset of {','.join(FRAMEWORKS)}")
+    source.add_argument(
+        "--model", help="a local Hugging Face Llama checkpoint directory (default: the bundled SmolLM2)"
+    )
+    source.add_argument(
+        "--random-llama-3.2-1b",
+        dest="random_1b",
+        action="store_true",
+        help="random weights in Llama 3.2 1B's shape, written to a temporary checkpoint",
+    )
+    parser.add_argument(
+        "--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated subset of {','.join(FRAMEWORKS)}"
+    )
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--naive-new-tokens", type=int, default=8, help="the naive loop is O(n^2): fewer tokens")
+    parser.add_argument(
+        "--naive-new-tokens", type=int, default=8, help="the naive loop is O(n^2): fewer tokens"
+    )
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="warm calls; the best is reported")
@@ -405,7 +474,9 @@ def parse_args(argv=None):
     if unknown := [f for f in args.frameworks if f not in FRAMEWORKS]:
         parser.error(f"unknown framework(s) {', '.join(unknown)}; choose from {', '.join(FRAMEWORKS)}")
     if args.new_tokens < 2 or args.naive_new_tokens < 2:
-        parser.error("--new-tokens and --naive-new-tokens must be >= 2 (decode speed needs tokens after the first)")
+        parser.error(
+            "--new-tokens and --naive-new-tokens must be >= 2 (decode speed needs tokens after the first)"
+        )
     return args
 
 
@@ -439,7 +510,9 @@ def main(argv=None) -> None:
                 skipped.append(f"{LABELS[framework]} (failed; its error is printed above)")
             else:
                 results.append(result)
-    bandwidth = measure_bandwidth(args.on_gpu)  # after the workers: its big arrays must not sit in memory beside them
+    bandwidth = measure_bandwidth(
+        args.on_gpu
+    )  # after the workers: its big arrays must not sit in memory beside them
     roofline = bandwidth["roofline_gbs"] / weights_gb
     text = report(args, machine, bandwidth, model_line, weights_gb, roofline, results, skipped)
     print(text)

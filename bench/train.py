@@ -38,7 +38,7 @@ def batches(vocab: int, batch: int, length: int, steps: int):
     for _ in range(steps):
         ids = rng.integers(3, min(vocab, 20000), (batch, length)).astype(np.int32)
         loss_mask = np.zeros_like(ids)
-        loss_mask[:, length // 2:] = 1
+        loss_mask[:, length // 2 :] = 1
         yield ids, np.ones_like(ids), loss_mask
 
 
@@ -59,14 +59,21 @@ def run_peft(args, config):
     import transformers
 
     model = transformers.LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS,
-                                                       lora_dropout=0.0)).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, lora_dropout=0.0),
+    ).train()
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0
+    )
 
     def step(ids, mask, loss_mask):
         labels = np.where(loss_mask == 1, ids, -100)
-        loss = model(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask),
-                     labels=torch.as_tensor(labels, dtype=torch.long)).loss
+        loss = model(
+            input_ids=torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask),
+            labels=torch.as_tensor(labels, dtype=torch.long),
+        ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -86,10 +93,20 @@ def worker(args) -> None:
         losses.append(float(step(ids, mask, loss_mask)))
         times.append(time.perf_counter() - start)
     warm = float(np.mean(times[1:]))
-    print("RESULT " + json.dumps({
-        "framework": args.worker, "first_step_s": times[0], "step_s": warm,
-        "tokens_per_s": args.batch * args.length / warm, "peak_rss_gb": peak_rss_gb(), "losses": losses,
-    }), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "framework": args.worker,
+                "first_step_s": times[0],
+                "step_s": warm,
+                "tokens_per_s": args.batch * args.length / warm,
+                "peak_rss_gb": peak_rss_gb(),
+                "losses": losses,
+            }
+        ),
+        flush=True,
+    )
 
 
 def main(argv=None) -> None:
@@ -114,34 +131,61 @@ def main(argv=None) -> None:
     results = []
     for framework in ("llama_jax", "peft"):
         print(f"{framework}: running", file=sys.stderr, flush=True)
-        command = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--model", args.model,
-                   "--batch", str(args.batch), "--length", str(args.length), "--rank", str(args.rank),
-                   "--steps", str(args.steps)]
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            framework,
+            "--model",
+            args.model,
+            "--batch",
+            str(args.batch),
+            "--length",
+            str(args.length),
+            "--rank",
+            str(args.rank),
+            "--steps",
+            str(args.steps),
+        ]
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
             raise SystemExit(f"{framework} failed (exit {done.returncode})")
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+        results.append(json.loads(lines[-1][len("RESULT ") :]))
 
     reference = results[1]["tokens_per_s"]
-    rows = ["| framework | first step (s) | step (s) | training tokens/s | vs transformers + peft | peak RSS (GB) |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| framework | first step (s) | step (s) | training tokens/s | vs transformers + peft | peak RSS (GB) |",
+        "|---|---|---|---|---|---|",
+    ]
     labels = {"llama_jax": "llama_jax `train.train_step` (nnx.jit)", "peft": "transformers + peft (PyTorch)"}
     for r in results:
-        rows.append(f"| {labels[r['framework']]} | {r['first_step_s']:.1f} | {r['step_s']:.2f} | "
-                    f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / reference:.2f}x | {r['peak_rss_gb']:.2f} |")
-    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("jax", "flax", "optax", "torch", "transformers", "peft"))
-    report = "\n".join([
-        "# LoRA training benchmark", "",
-        f"{datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPUs, {versions}.", "",
-        f"Model `{os.path.basename(os.path.normpath(args.model))}`, float32; batch {args.batch} x {args.length} tokens "
-        f"(loss on the second half of each row); LoRA rank {args.rank}, alpha {2 * args.rank}, on "
-        f"{', '.join(TARGETS)}; AdamW, learning rate 1e-4; {args.steps} steps, the first reported apart "
-        "(llama_jax compiles then). One run: compare the ratios, not figures from different runs.", "",
-        *rows, "",
-        "First-step losses (B starts at zero, so both are the base model's loss on the same batch): "
-        + ", ".join(f"{r['framework']} {r['losses'][0]:.3f}" for r in results), "",
-    ])
+        rows.append(
+            f"| {labels[r['framework']]} | {r['first_step_s']:.1f} | {r['step_s']:.2f} | "
+            f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / reference:.2f}x | {r['peak_rss_gb']:.2f} |"
+        )
+    versions = ", ".join(
+        f"{p} {importlib.metadata.version(p)}"
+        for p in ("jax", "flax", "optax", "torch", "transformers", "peft")
+    )
+    report = "\n".join(
+        [
+            "# LoRA training benchmark",
+            "",
+            f"{datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPUs, {versions}.",
+            "",
+            f"Model `{os.path.basename(os.path.normpath(args.model))}`, float32; batch {args.batch} x {args.length} tokens "
+            f"(loss on the second half of each row); LoRA rank {args.rank}, alpha {2 * args.rank}, on "
+            f"{', '.join(TARGETS)}; AdamW, learning rate 1e-4; {args.steps} steps, the first reported apart "
+            "(llama_jax compiles then). One run: compare the ratios, not figures from different runs.",
+            "",
+            *rows,
+            "",
+            "First-step losses (B starts at zero, so both are the base model's loss on the same batch): "
+            + ", ".join(f"{r['framework']} {r['losses'][0]:.3f}" for r in results),
+            "",
+        ]
+    )
     print(report)
     if args.output != "-":
         with open(args.output, "w") as f:

@@ -47,16 +47,38 @@ BASE = dict(
 # name -> (config overrides, save_pretrained kwargs)
 TINY_CHECKPOINTS = {
     "llama32_tied": (dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE), {}),
-    "untied": (dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), {}),
+    "untied": (
+        dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        {},
+    ),
     "head_dim_32": (dict(tie_word_embeddings=True, head_dim=32, rope_parameters=LLAMA3_ROPE), {}),
     "multi_head": (dict(tie_word_embeddings=False, num_key_value_heads=4, rope_parameters=LLAMA3_ROPE), {}),
     # 8 query heads with 4 or 8 key/value heads: every mesh of 8 devices can split them (test_sharding.py)
-    "heads_8_kv_4": (dict(tie_word_embeddings=True, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
-                          rope_parameters=LLAMA3_ROPE), {}),
-    "heads_8_kv_8": (dict(tie_word_embeddings=False, num_attention_heads=8, num_key_value_heads=8, head_dim=8,
-                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), {}),
+    "heads_8_kv_4": (
+        dict(
+            tie_word_embeddings=True,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=8,
+            rope_parameters=LLAMA3_ROPE,
+        ),
+        {},
+    ),
+    "heads_8_kv_8": (
+        dict(
+            tie_word_embeddings=False,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            head_dim=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+        {},
+    ),
     # the same model as "untied" (same config and seed), written in several shards with an index
-    "sharded": (dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), {"max_shard_size": "100KB"}),
+    "sharded": (
+        dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        {"max_shard_size": "100KB"},
+    ),
 }
 
 
@@ -94,5 +116,7 @@ def torch_model(directory: str) -> transformers.LlamaForCausalLM:
 
 def torch_logits(model, input_ids, attention_mask=None) -> np.ndarray:
     with torch.no_grad():
-        kwargs = {} if attention_mask is None else {"attention_mask": torch.as_tensor(np.asarray(attention_mask))}
+        kwargs = (
+            {} if attention_mask is None else {"attention_mask": torch.as_tensor(np.asarray(attention_mask))}
+        )
         return model(torch.as_tensor(np.asarray(input_ids)), **kwargs).logits.numpy()

@@ -21,7 +21,9 @@ if mode == "process":
     jax.config.update("jax_num_cpu_devices", 2)
     process_id, num_processes, port = (int(a) for a in sys.argv[2:5])
     jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id,
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=num_processes,
+        process_id=process_id,
         initialization_timeout=120,
     )
 else:
@@ -108,7 +110,10 @@ def tiny(checkpoint: str) -> dict:
     ref_logits = np.asarray(forward(reference, ids, mask))
     ref_tokens = llama_jax.generate(reference, ids, mask, max_new_tokens=12)
     figures = {}
-    for (batch, model_axis), rules in [*((m, llama_jax.TENSOR_PARALLEL) for m in MESHES), ((2, 4), llama_jax.FSDP)]:
+    for (batch, model_axis), rules in [
+        *((m, llama_jax.TENSOR_PARALLEL) for m in MESHES),
+        ((2, 4), llama_jax.FSDP),
+    ]:
         mesh = llama_jax.make_mesh(batch=batch, model=model_axis)
         name = f"{'FSDP' if rules is llama_jax.FSDP else 'TP'} ({batch},{model_axis})"
         if reference.config.num_key_value_heads % model_axis:  # would cut a key/value head in two
@@ -117,19 +122,28 @@ def tiny(checkpoint: str) -> dict:
             except llama_jax.ConfigError as e:
                 figures[name] = {"refused": str(e)}
                 continue
-            raise AssertionError(f"{name} was accepted with {reference.config.num_key_value_heads} key/value heads")
+            raise AssertionError(
+                f"{name} was accepted with {reference.config.num_key_value_heads} key/value heads"
+            )
         counter = BytesRead()
         try:
-            sharded = llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False, mesh=mesh, rules=rules)
+            sharded = llama_jax.from_pretrained(
+                checkpoint, dtype=jnp.float32, progress=False, mesh=mesh, rules=rules
+            )
         finally:
             counter.close()
         bytes_read = check_shards(sharded, mesh, rules, counter.blocks)
         logits_diff = float(np.abs(np.asarray(forward(sharded, ids, mask)) - ref_logits).max())
         tokens = llama_jax.generate(sharded, ids, mask, max_new_tokens=12)
-        figures[name] = {"logits max abs diff": logits_diff, "bytes read": bytes_read,
-                         "same greedy tokens": bool(np.array_equal(tokens, ref_tokens))}
+        figures[name] = {
+            "logits max abs diff": logits_diff,
+            "bytes read": bytes_read,
+            "same greedy tokens": bool(np.array_equal(tokens, ref_tokens)),
+        }
         assert logits_diff <= 1e-4 and np.array_equal(tokens, ref_tokens), (name, figures[name])
-    figures["LoRA train step, TP (2,4) vs one device"] = lora_steps(checkpoint, llama_jax.make_mesh(batch=2, model=4))
+    figures["LoRA train step, TP (2,4) vs one device"] = lora_steps(
+        checkpoint, llama_jax.make_mesh(batch=2, model=4)
+    )
     return figures
 
 
@@ -146,9 +160,13 @@ def lora_steps(checkpoint: str, mesh) -> dict:
         optimizer = llama_jax.train.lora_optimizer(model, 1e-2)
         steps = [llama_jax.train.train_step(model, optimizer, ids, mask, loss_mask) for _ in range(2)]
         losses.append([*steps, llama_jax.train.evaluate(model, ids, mask, loss_mask)])
-    relative = max(abs(a - b) / abs(a) for a, b in zip(*losses))
+    relative = max(abs(a - b) / abs(a) for a, b in zip(*losses, strict=True))
     assert relative <= 1e-5 and losses[0][2] < losses[0][0], losses
-    return {"losses (one device)": losses[0], "losses (mesh)": losses[1], "largest relative difference": relative}
+    return {
+        "losses (one device)": losses[0],
+        "losses (mesh)": losses[1],
+        "largest relative difference": relative,
+    }
 
 
 def bundled() -> dict:
@@ -166,21 +184,25 @@ def bundled() -> dict:
         logits_diff = float(np.abs(np.asarray(forward(sharded, ids, mask)) - ref_logits).max())
         tokens = llama_jax.generate(sharded, ids, mask, max_new_tokens=16)
         figures[f"TP ({batch},{model_axis})"] = {
-            "logits max abs diff": logits_diff, "largest logit": float(np.abs(ref_logits).max()),
+            "logits max abs diff": logits_diff,
+            "largest logit": float(np.abs(ref_logits).max()),
             "same greedy tokens": bool(np.array_equal(tokens, ref_tokens)),
         }
         # 30 layers of reductions split three ways: a little more rounding than the tiny models' 1e-4
         assert logits_diff <= 1e-3 and np.array_equal(tokens, ref_tokens), figures
     # a converter places its tensors by the same rules (the GGUF holds the bundled model's weights)
-    from_gguf = llama_jax.convert.from_gguf(llama_jax.checkpoints.bundled_gguf_path(), dtype=jnp.float32,
-                                             progress=False, mesh=mesh)
+    from_gguf = llama_jax.convert.from_gguf(
+        llama_jax.checkpoints.bundled_gguf_path(), dtype=jnp.float32, progress=False, mesh=mesh
+    )
     assert from_gguf.model.layers[0].mlp.down_proj.kernel.get_value().sharding.spec == P("model", None)
     gguf_diff = float(np.abs(np.asarray(forward(from_gguf, ids, mask)) - ref_logits).max())
     figures["from_gguf TP (2,3)"] = {"logits max abs diff": gguf_diff}
     assert gguf_diff <= 1e-3, figures
     for batch, model_axis in [(1, 2), (1, 9)]:
         try:
-            llama_jax.from_pretrained(checkpoint, progress=False, mesh=llama_jax.make_mesh(batch=batch, model=model_axis))
+            llama_jax.from_pretrained(
+                checkpoint, progress=False, mesh=llama_jax.make_mesh(batch=batch, model=model_axis)
+            )
         except llama_jax.ConfigError as e:
             figures[f"error ({batch},{model_axis})"] = str(e)
         else:
@@ -191,13 +213,19 @@ def bundled() -> dict:
 def process(checkpoint: str) -> dict:
     mesh = llama_jax.make_mesh(batch=1, model=jax.device_count())
     model = llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False, mesh=mesh)
-    local = {hf_name(path): [s.data.shape for s in v.get_value().addressable_shards]
-             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    local = {
+        hf_name(path): [s.data.shape for s in v.get_value().addressable_shards]
+        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
     ids, mask = prompts(model.config.vocab_size)
     tokens = llama_jax.generate(model, ids, mask, max_new_tokens=12)
-    return {"process": jax.process_index(), "devices": jax.device_count(), "local devices": jax.local_device_count(),
-            "q_proj local shards": [list(s) for s in local["model.layers.0.self_attn.q_proj.weight"]],
-            "tokens": tokens.tolist()}
+    return {
+        "process": jax.process_index(),
+        "devices": jax.device_count(),
+        "local devices": jax.local_device_count(),
+        "q_proj local shards": [list(s) for s in local["model.layers.0.self_attn.q_proj.weight"]],
+        "tokens": tokens.tolist(),
+    }
 
 
 if __name__ == "__main__":

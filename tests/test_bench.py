@@ -17,10 +17,27 @@ def test_bench_runs_all_frameworks_on_a_tiny_checkpoint(tiny_checkpoints, tmp_pa
     # "untied" uses the default RoPE, which Keras Hub reads fully, so all four must agree token for token.
     output = tmp_path / "RESULTS.md"
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "generate.py"), "--model", tiny_checkpoints["untied"],
-         "--new-tokens", "4", "--naive-new-tokens", "4", "--batch-sizes", "1,2", "--prompt-tokens", "8",
-         "--repeats", "1", "--output", str(output)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "generate.py"),
+            "--model",
+            tiny_checkpoints["untied"],
+            "--new-tokens",
+            "4",
+            "--naive-new-tokens",
+            "4",
+            "--batch-sizes",
+            "1,2",
+            "--prompt-tokens",
+            "8",
+            "--repeats",
+            "1",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = output.read_text()
@@ -31,7 +48,9 @@ def test_bench_runs_all_frameworks_on_a_tiny_checkpoint(tiny_checkpoints, tmp_pa
     assert len(rows) == 4 * 2  # four frameworks x two batch sizes
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        float(cells[3])  # decode tokens/s is a number (its value is not asserted; on a tiny model it may be nan)
+        float(
+            cells[3]
+        )  # decode tokens/s is a number (its value is not asserted; on a tiny model it may be nan)
         if not cells[0].startswith("transformers"):
             assert cells[-1] == "4/4", row
 
@@ -39,15 +58,33 @@ def test_bench_runs_all_frameworks_on_a_tiny_checkpoint(tiny_checkpoints, tmp_pa
 def test_train_bench_runs_on_a_tiny_checkpoint(tiny_checkpoints, tmp_path):
     output = tmp_path / "TRAIN_RESULTS.md"
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "train.py"), "--model", tiny_checkpoints["untied"],
-         "--batch", "2", "--length", "16", "--rank", "4", "--steps", "2", "--output", str(output)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "train.py"),
+            "--model",
+            tiny_checkpoints["untied"],
+            "--batch",
+            "2",
+            "--length",
+            "16",
+            "--rank",
+            "4",
+            "--steps",
+            "2",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = output.read_text()
     print(report)
     rows = [line for line in report.splitlines() if line.startswith("| ") and "framework" not in line]
-    assert len(rows) == 2 and rows[0].startswith("| llama_jax") and rows[1].startswith("| transformers + peft")
+    assert (
+        len(rows) == 2 and rows[0].startswith("| llama_jax") and rows[1].startswith("| transformers + peft")
+    )
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[3]) > 0 and cells[4].endswith("x")  # tokens/s and the ratio (values not asserted)

@@ -69,7 +69,9 @@ def test_install_cell(chapter):
     """Every chapter opens (in Colab/Kaggle) with the same install cell, from this repository and branch."""
     first = code_cells(jupytext.read(chapter))[0]
     reference = code_cells(jupytext.read(CHAPTERS[0]))[0]
-    assert first == reference, f"{chapter.name}: the first code cell must be the install cell of {CHAPTERS[0].name}"
+    assert first == reference, (
+        f"{chapter.name}: the first code cell must be the install cell of {CHAPTERS[0].name}"
+    )
     assert f"git+{REPO_URL}@{BRANCH}#subdirectory=companion" in first
     assert "find_spec" in first  # installs only what is missing, never upgrades the reader's set-up
 
@@ -84,8 +86,13 @@ def test_readme_links_every_chapter_from_the_configured_repository():
 
 
 def test_badge_urls():
-    assert notebook_url("https://github.com/o/r", "main", "book/01_x") == "https://github.com/o/r/blob/main/book/01_x.ipynb"
-    assert "colab.research.google.com/github/o/r/blob/main/book/01_x.ipynb" in badges("https://github.com/o/r", "main", "book/01_x")
+    assert (
+        notebook_url("https://github.com/o/r", "main", "book/01_x")
+        == "https://github.com/o/r/blob/main/book/01_x.ipynb"
+    )
+    assert "colab.research.google.com/github/o/r/blob/main/book/01_x.ipynb" in badges(
+        "https://github.com/o/r", "main", "book/01_x"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,7 +115,10 @@ def built_book(tmp_path_factory) -> pathlib.Path:
     jupyter_book = pathlib.Path(sys.executable).with_name("jupyter-book")
     result = subprocess.run(
         [str(jupyter_book), "build", str(ROOT), "--path-output", str(out), "-W", "-n", "--keep-going"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "LLAMA_JAX_MODEL": checkpoint},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "LLAMA_JAX_MODEL": checkpoint},
     )
     tail = (result.stdout + result.stderr)[-4000:]
     assert result.returncode == 0, f"book build failed:\n{tail}"
@@ -122,7 +132,9 @@ def test_build_has_every_chapter_executed(built_book):
         assert page.exists(), f"{page} not built"
         html = page.read_text()
         assert "cell_output" in html, f"{chapter.stem}: no executed outputs on the page"
-        assert "colab.research.google.com/github/" in html and "kaggle.com/kernels/welcome" in html, chapter.stem
+        assert "colab.research.google.com/github/" in html and "kaggle.com/kernels/welcome" in html, (
+            chapter.stem
+        )
         assert "Traceback" not in html, f"{chapter.stem}: a traceback is on the page"
         if chapter.stem in PLOTTING_CHAPTERS:
             assert re.search(r'<img [^>]*src="[^"]*\.png"', html), f"{chapter.stem}: no figure on the page"
@@ -132,19 +144,33 @@ def test_build_has_every_chapter_executed(built_book):
 @pytest.mark.parametrize("stem", ["00_introduction", "04_rope"])
 def test_headless_browser_renders_code_outputs_and_figures(built_book, stem, tmp_path):
     page = (built_book / "book" / f"{stem}.html").as_uri()
-    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    common = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     dom = subprocess.run(common + ["--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
     assert 'class="highlight' in dom, "no highlighted code in the rendered page"
     assert "cell_output" in dom, "no cell outputs in the rendered page"
     shot = tmp_path / f"{stem}.png"
-    subprocess.run(common + [f"--screenshot={shot}", "--window-size=1280,2400", page],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        common + [f"--screenshot={shot}", "--window-size=1280,2400", page],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     dark = (pixels < 128).mean()  # text, code and plot lines on a white page
-    assert pixels.std() > 20 and 0.005 < dark < 0.5, f"{stem}: the screenshot looks blank (std {pixels.std():.1f})"
+    assert pixels.std() > 20 and 0.005 < dark < 0.5, (
+        f"{stem}: the screenshot looks blank (std {pixels.std():.1f})"
+    )
     if stem in PLOTTING_CHAPTERS:
         images = re.findall(r'<img [^>]*src="([^"]+\.png)"', dom)
         assert images, f"{stem}: the browser shows no figure"

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import torch_logits, torch_model
 
 import llama_jax
-from conftest import torch_logits, torch_model
 
 TEXTS = [
     "The capital of France is",
@@ -61,7 +61,11 @@ def built(tmp_path_factory):
         assert sys.modules["torch"] is None
     """)
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"}
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TQDM_DISABLE": "1"},
     )
     assert result.returncode == 0, result.stderr
     ours = result.stdout.strip().splitlines()[-1]
@@ -73,18 +77,28 @@ def built(tmp_path_factory):
 def test_same_files(built):
     ours, reference = built
     assert sorted(os.listdir(ours)) == sorted(os.listdir(reference))
-    assert not [f for f in os.listdir(os.path.dirname(ours)) if f.startswith(".")]  # no temporary directory left
+    assert not [
+        f for f in os.listdir(os.path.dirname(ours)) if f.startswith(".")
+    ]  # no temporary directory left
 
 
 def test_same_logits(built):
     ours, reference = built
     ids = np.asarray(llama_jax.load_tokenizer(reference)(" ".join(TEXTS))["input_ids"])[None]
-    ours_jax = np.asarray(llama_jax.from_pretrained(ours, dtype=jnp.float32, progress=False)(jnp.asarray(ids)))
-    reference_jax = np.asarray(llama_jax.from_pretrained(reference, dtype=jnp.float32, progress=False)(jnp.asarray(ids)))
+    ours_jax = np.asarray(
+        llama_jax.from_pretrained(ours, dtype=jnp.float32, progress=False)(jnp.asarray(ids))
+    )
+    reference_jax = np.asarray(
+        llama_jax.from_pretrained(reference, dtype=jnp.float32, progress=False)(jnp.asarray(ids))
+    )
     jax_diff = float(np.max(np.abs(ours_jax - reference_jax)))
-    torch_diff = float(np.max(np.abs(torch_logits(torch_model(ours), ids) - torch_logits(torch_model(reference), ids))))
-    print(f"bundled checkpoint, built without torch vs with transformers ({ids.shape[1]} tokens): max |diff| of the "
-          f"logits {jax_diff:.2e} (llama_jax), {torch_diff:.2e} (transformers)")
+    torch_diff = float(
+        np.max(np.abs(torch_logits(torch_model(ours), ids) - torch_logits(torch_model(reference), ids)))
+    )
+    print(
+        f"bundled checkpoint, built without torch vs with transformers ({ids.shape[1]} tokens): max |diff| of the "
+        f"logits {jax_diff:.2e} (llama_jax), {torch_diff:.2e} (transformers)"
+    )
     assert jax_diff <= 1e-6 and torch_diff <= 1e-6
 
 
@@ -96,7 +110,9 @@ def test_same_tokenizer(built):
     for conversation in (CONVERSATION, WITH_SYSTEM):
         for prompt in (False, True):
             theirs = reference.apply_chat_template(conversation, tokenize=False, add_generation_prompt=prompt)
-            assert ours.apply_chat_template(conversation, tokenize=False, add_generation_prompt=prompt) == theirs
+            assert (
+                ours.apply_chat_template(conversation, tokenize=False, add_generation_prompt=prompt) == theirs
+            )
     assert ours.chat_template == reference.chat_template
     for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
         assert getattr(ours, name) == getattr(reference, name), name
@@ -114,7 +130,9 @@ def test_same_config(built):
     # (a tokenizer matter, which the tokenizer keeps)
     ignored = {"_name_or_path", "_model_name_or_path", "unk_token_id"}
     theirs, mine = (transformers.AutoConfig.from_pretrained(d).to_dict() for d in (reference, ours))
-    assert {k: v for k, v in mine.items() if k not in ignored} == {k: v for k, v in theirs.items() if k not in ignored}
+    assert {k: v for k, v in mine.items() if k not in ignored} == {
+        k: v for k, v in theirs.items() if k not in ignored
+    }
     # generation: the same special tokens (the reference also spells out transformers' defaults)
     theirs, mine = (transformers.GenerationConfig.from_pretrained(d) for d in (reference, ours))
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -130,7 +148,10 @@ def test_gguf_without_a_tokenizer(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(llama_jax.CheckpointError, match=r"bare.gguf: no tokenizer in the file \(tokenizer.ggml.tokens is missing\)"):
+    with pytest.raises(
+        llama_jax.CheckpointError,
+        match=r"bare.gguf: no tokenizer in the file \(tokenizer.ggml.tokens is missing\)",
+    ):
         llama_jax.convert.tokenizer_from_gguf(tmp_path / "bare.gguf")
     with pytest.raises(llama_jax.CheckpointError, match="no GGUF file at"):
         llama_jax.convert.tokenizer_from_gguf(tmp_path / "absent.gguf")

@@ -10,7 +10,10 @@ from safetensors.numpy import load_file, save_file
 
 def run_cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "llama_jax", *args], capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "llama_jax", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "TQDM_DISABLE": "1", **(env or {})},
     )
 
@@ -47,7 +50,9 @@ def test_checkpoint_with_a_tensor_removed_is_one_line(tiny_checkpoints, tmp_path
 
 def test_generate_on_a_mesh_of_three_devices(smollm2_dir):
     env = {"JAX_NUM_CPU_DEVICES": "3"}  # three virtual CPU devices in the CLI's process
-    result = run_cli("generate", "The capital of France is", "--max-new-tokens", "8", "--mesh", "batch=1,model=3", env=env)
+    result = run_cli(
+        "generate", "The capital of France is", "--max-new-tokens", "8", "--mesh", "batch=1,model=3", env=env
+    )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     result = run_cli("generate", "x", "--mesh", "batch=1,model=2", env=env)

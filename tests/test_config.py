@@ -55,7 +55,10 @@ def test_to_hf_round_trip_and_transformers_accepts_it(tmp_path):
     "change, message",
     [
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type='yarn'"),
-        ({"rope_scaling": None, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}, "rope_parameters.rope_type='dynamic'"),
+        (
+            {"rope_scaling": None, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}},
+            "rope_parameters.rope_type='dynamic'",
+        ),
         ({"attention_bias": True}, "attention_bias=True"),
         ({"mlp_bias": True}, "mlp_bias=True"),
         ({"model_type": "mistral"}, "model_type='mistral'"),

@@ -29,8 +29,14 @@ from llama_jax.weights import hf_tensors
 TOL = 1e-3
 IDS = np.random.RandomState(0).randint(3, 256, (2, 300))  # a few hundred positions: RoPE errors show
 # Meta's own llama3 RoPE values (only the factor is not fixed by Meta's code)
-META_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+META_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def max_diff(a, b) -> float:
@@ -41,7 +47,11 @@ def math_fields(config: llama_jax.LlamaConfig) -> llama_jax.LlamaConfig:
     """The config without the fields that do not change the logits (special tokens, context length),
     and with the epsilon rounded to float32 (GGUF stores it so: 1e-5 reads back as 9.99999975e-06)."""
     return dataclasses.replace(
-        config, bos_token_id=None, eos_token_id=(), pad_token_id=None, max_position_embeddings=0,
+        config,
+        bos_token_id=None,
+        eos_token_id=(),
+        pad_token_id=None,
+        max_position_embeddings=0,
         rms_norm_eps=float(np.float32(config.rms_norm_eps)),
     )
 
@@ -59,7 +69,12 @@ def meta_like_dir(tmp_path_factory) -> str:
     Meta's fixed values, factor 8 as for Llama 3.1), written by transformers like conftest's."""
     directory = tmp_path_factory.mktemp("meta_like")
     config = transformers.LlamaConfig(
-        **{**BASE, "tie_word_embeddings": True, "rope_parameters": META_ROPE, "max_position_embeddings": 131072}
+        **{
+            **BASE,
+            "tie_word_embeddings": True,
+            "rope_parameters": META_ROPE,
+            "max_position_embeddings": 131072,
+        }
     )
     torch.manual_seed(1)
     model = transformers.LlamaForCausalLM(config).eval()
@@ -117,12 +132,16 @@ def test_keras_hub_tiny_equals_keras_forward(keras_hub, tiny_checkpoints, refere
     directory = tiny_checkpoints[name]
     kwargs = llama_jax.convert.keras_backbone_kwargs(llama_jax.LlamaConfig.from_hf(directory))
     backbone = keras_backbone(keras_hub, directory, **kwargs)
-    model = llama_jax.convert.from_keras_hub(backbone, dtype=jnp.float32, checkpoint=directory, progress=False)
+    model = llama_jax.convert.from_keras_hub(
+        backbone, dtype=jnp.float32, checkpoint=directory, progress=False
+    )
     diff = max_diff(ours(model, IDS), keras_logits(backbone, IDS))
     print(f"{name}: llama_jax vs keras-hub max |diff| = {diff:.2e}")
     assert diff <= TOL
     assert model.config.tie_word_embeddings == (name == "llama32_tied")
-    assert model.config.rms_norm_eps == 1e-5 and model.config.num_key_value_heads == backbone.num_key_value_heads
+    assert (
+        model.config.rms_norm_eps == 1e-5 and model.config.num_key_value_heads == backbone.num_key_value_heads
+    )
     diff = max_diff(ours(model, IDS), reference(name)[1])  # with the right arguments, all three agree
     print(f"{name}: llama_jax (from keras-hub) vs transformers max |diff| = {diff:.2e}")
     assert diff <= TOL
@@ -142,16 +161,23 @@ def test_keras_hub_importer_traps_are_caught(keras_hub, tiny_checkpoints, refere
     print(f"keras-hub with the right epsilon but no RoPE scaling vs transformers: max |diff| = {diff:.2f}")
     assert diff > 100 * TOL
     for backbone, field in ((as_loaded, "rms_norm_eps"), (eps_only, "rope_scaling")):
-        with pytest.raises(ConfigError, match=rf"Keras Hub Llama3Backbone has {field}=.* but its checkpoint has"):
+        with pytest.raises(
+            ConfigError, match=rf"Keras Hub Llama3Backbone has {field}=.* but its checkpoint has"
+        ):
             llama_jax.convert.from_keras_hub(backbone, checkpoint=directory, progress=False)
     # without a checkpoint to compare with, the converter is faithful to the (wrong) Keras model
     model = llama_jax.convert.from_keras_hub(eps_only, dtype=jnp.float32, progress=False)
     assert model.config.rope_scaling is None
     assert max_diff(ours(model, IDS), keras_logits(eps_only, IDS)) <= TOL
     # an epsilon that went through float32 (as GGUF stores it) is the same epsilon
-    rounded = {**llama_jax.convert.keras_backbone_kwargs(config), "layer_norm_epsilon": float(np.float32(1e-5))}
+    rounded = {
+        **llama_jax.convert.keras_backbone_kwargs(config),
+        "layer_norm_epsilon": float(np.float32(1e-5)),
+    }
     assert rounded["layer_norm_epsilon"] != config.rms_norm_eps
-    llama_jax.convert.from_keras_hub(keras_backbone(keras_hub, directory, **rounded), checkpoint=directory, progress=False)
+    llama_jax.convert.from_keras_hub(
+        keras_backbone(keras_hub, directory, **rounded), checkpoint=directory, progress=False
+    )
 
 
 def test_save_pretrained_writes_legacy_rope_keys_that_keras_hub_reads(keras_hub, tiny_checkpoints, tmp_path):
@@ -163,18 +189,24 @@ def test_save_pretrained_writes_legacy_rope_keys_that_keras_hub_reads(keras_hub,
     assert raw["rope_scaling"] == {"rope_type": "llama3", **dataclasses.asdict(model.config.rope_scaling)}
     backbone = keras_backbone(keras_hub, saved, layer_norm_epsilon=1e-5)
     assert backbone.get_config()["rope_frequency_adjustment_factor"] == model.config.rope_scaling.factor
-    converted = llama_jax.convert.from_keras_hub(backbone, dtype=jnp.float32, checkpoint=saved, progress=False)
+    converted = llama_jax.convert.from_keras_hub(
+        backbone, dtype=jnp.float32, checkpoint=saved, progress=False
+    )
     assert max_diff(ours(converted), ours(model)) <= TOL
 
 
 def test_keras_hub_bundled_model(keras_hub, smollm2_dir):
     # Keras Hub's importer ignores rms_norm_eps (1e-6); the backbone takes the right one as an argument.
     eps = json.load(open(os.path.join(smollm2_dir, "config.json")))["rms_norm_eps"]
-    backbone = keras_hub.models.Llama3Backbone.from_preset(smollm2_dir, dtype="float32", layer_norm_epsilon=eps)
+    backbone = keras_hub.models.Llama3Backbone.from_preset(
+        smollm2_dir, dtype="float32", layer_norm_epsilon=eps
+    )
     causal_lm = keras_hub.models.Llama3CausalLM.from_preset(smollm2_dir, backbone=backbone)
     model = llama_jax.convert.from_keras_hub(causal_lm, dtype=jnp.float32, progress=False)
     ids = np.random.RandomState(1).randint(0, model.config.vocab_size, (1, 64))
-    reference = np.asarray(causal_lm({"token_ids": ids.astype("int32"), "padding_mask": np.ones_like(ids, "int32")}))
+    reference = np.asarray(
+        causal_lm({"token_ids": ids.astype("int32"), "padding_mask": np.ones_like(ids, "int32")})
+    )
     diff = max_diff(ours(model, ids), reference)
     print(f"bundled model: llama_jax vs keras-hub max |diff| = {diff:.2e}")
     assert diff <= TOL
@@ -186,7 +218,12 @@ def test_keras_hub_bundled_model(keras_hub, smollm2_dir):
 @pytest.mark.filterwarnings("ignore:Layer InputLayer does not have a `quantize` method")
 def test_keras_hub_quantized_model_is_refused(keras_hub):
     backbone = keras_hub.models.Llama3Backbone(
-        vocabulary_size=64, num_layers=1, num_query_heads=4, hidden_dim=32, intermediate_dim=64, num_key_value_heads=2
+        vocabulary_size=64,
+        num_layers=1,
+        num_query_heads=4,
+        hidden_dim=32,
+        intermediate_dim=64,
+        num_key_value_heads=2,
     )
     backbone.quantize("int8")  # adds kernel_scale variables this converter does not know
     with pytest.raises(CheckpointError, match=r"unexpected \d+ tensor\(s\): .*kernel_scale"):
@@ -208,7 +245,10 @@ def write_meta_checkpoint(hf_dir: str, out, ffn_dim_multiplier: float, multiple_
     ``to_meta``): rename, and permute q/k rows into Meta's interleaved order."""
     config = json.load(open(os.path.join(hf_dir, "config.json")))
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    hf = {k: torch.from_numpy(v) for k, v in safetensors.numpy.load_file(os.path.join(hf_dir, "model.safetensors")).items()}
+    hf = {
+        k: torch.from_numpy(v)
+        for k, v in safetensors.numpy.load_file(os.path.join(hf_dir, "model.safetensors")).items()
+    }
 
     def interleave(w, n):  # the inverse of transformers_meta_to_hf
         dim1, dim2 = w.shape
@@ -216,8 +256,11 @@ def write_meta_checkpoint(hf_dir: str, out, ffn_dim_multiplier: float, multiple_
         assert torch.equal(transformers_meta_to_hf(meta, n), w)
         return meta
 
-    state = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
-             "output.weight": hf.get("lm_head.weight", hf["model.embed_tokens.weight"])}
+    state = {
+        "tok_embeddings.weight": hf["model.embed_tokens.weight"],
+        "norm.weight": hf["model.norm.weight"],
+        "output.weight": hf.get("lm_head.weight", hf["model.embed_tokens.weight"]),
+    }
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         state |= {
@@ -232,10 +275,18 @@ def write_meta_checkpoint(hf_dir: str, out, ffn_dim_multiplier: float, multiple_
             f"layers.{i}.ffn_norm.weight": hf[p + "post_attention_layernorm.weight"],
         }
     rope = config["rope_parameters"]
-    params = {"dim": config["hidden_size"], "n_layers": config["num_hidden_layers"], "n_heads": heads,
-              "n_kv_heads": kv_heads, "vocab_size": config["vocab_size"], "ffn_dim_multiplier": ffn_dim_multiplier,
-              "multiple_of": multiple_of, "norm_eps": config["rms_norm_eps"], "rope_theta": rope["rope_theta"],
-              "use_scaled_rope": rope["rope_type"] == "llama3"}
+    params = {
+        "dim": config["hidden_size"],
+        "n_layers": config["num_hidden_layers"],
+        "n_heads": heads,
+        "n_kv_heads": kv_heads,
+        "vocab_size": config["vocab_size"],
+        "ffn_dim_multiplier": ffn_dim_multiplier,
+        "multiple_of": multiple_of,
+        "norm_eps": config["rms_norm_eps"],
+        "rope_theta": rope["rope_theta"],
+        "use_scaled_rope": rope["rope_type"] == "llama3",
+    }
     os.makedirs(out, exist_ok=True)
     torch.save(state, os.path.join(out, "consolidated.00.pth"))
     json.dump(params, open(os.path.join(out, "params.json"), "w"))
@@ -267,7 +318,9 @@ def test_meta_ffn_formula():
 
 @pytest.mark.parametrize("name, factor", [("untied", None), ("meta_like", 8.0)])
 def test_from_meta_equals_transformers(meta_dirs, reference, name, factor):
-    model = llama_jax.convert.from_meta(meta_dirs[name], dtype=jnp.float32, rope_scaling_factor=factor, progress=False)
+    model = llama_jax.convert.from_meta(
+        meta_dirs[name], dtype=jnp.float32, rope_scaling_factor=factor, progress=False
+    )
     diff = max_diff(ours(model), reference(name)[1])
     print(f"{name}: from_meta vs transformers max |diff| = {diff:.2e}")
     assert diff <= TOL
@@ -311,7 +364,9 @@ def test_to_meta_round_trip_is_exact(tiny_checkpoints, meta_like_dir, tmp_path, 
     assert meta_intermediate_size(params["dim"], params["ffn_dim_multiplier"], params["multiple_of"]) == 128
     state = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
     assert "output.weight" in state and "layers.1.feed_forward.w2.weight" in state
-    back = llama_jax.convert.from_meta(tmp_path / "meta", dtype=jnp.float32, rope_scaling_factor=factor, progress=False)
+    back = llama_jax.convert.from_meta(
+        tmp_path / "meta", dtype=jnp.float32, rope_scaling_factor=factor, progress=False
+    )
     assert math_fields(back.config) == math_fields(original.config)
     assert_same_weights(back, original)
 
@@ -358,12 +413,16 @@ def bundled_gguf():
 @pytest.fixture(scope="session")
 def transformers_gguf_model(bundled_gguf):
     directory, name = os.path.split(bundled_gguf)
-    return transformers.LlamaForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    return transformers.LlamaForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=torch.float32
+    ).eval()
 
 
 def test_from_gguf_bundled_equals_transformers_gguf_load(bundled_gguf, transformers_gguf_model, smollm2_dir):
     model = llama_jax.convert.from_gguf(bundled_gguf, dtype=jnp.float32, progress=False)
-    text = " ".join(["Rotary position embeddings turn each query and key by an angle that grows with position."] * 16)
+    text = " ".join(
+        ["Rotary position embeddings turn each query and key by an angle that grows with position."] * 16
+    )
     ids = np.asarray(llama_jax.load_tokenizer(smollm2_dir)(text)["input_ids"])[None]
     assert ids.shape[1] > 200
     diff = max_diff(ours(model, ids), torch_logits(transformers_gguf_model, ids))
@@ -397,11 +456,22 @@ def write_gguf(hf_dir: str, path, rope_freqs: np.ndarray | None = None, extra: d
     def interleave(w, n):  # Hugging Face -> Meta, as llama.cpp's converter permutes
         return w.reshape(n, 2, w.shape[0] // n // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     for name, tensor in {**hf, **(extra or {})}.items():
         if name.startswith("model.layers."):
             _, _, i, rest = name.split(".", 3)
@@ -434,8 +504,12 @@ def test_tiny_gguf_round_trip(tiny_checkpoints, meta_like_dir, reference, tmp_pa
     directory = {**tiny_checkpoints, "meta_like": meta_like_dir}[name]
     original = llama_jax.from_pretrained(directory, dtype=jnp.float32, progress=False)
     freqs = llama3_rope_freqs(original.config) if original.config.rope_scaling else None
-    model = llama_jax.convert.from_gguf(write_gguf(directory, tmp_path / "tiny.gguf", freqs), dtype=jnp.float32, progress=False)
-    assert math_fields(model.config) == math_fields(original.config)  # llama3 scaling recovered from rope_freqs
+    model = llama_jax.convert.from_gguf(
+        write_gguf(directory, tmp_path / "tiny.gguf", freqs), dtype=jnp.float32, progress=False
+    )
+    assert math_fields(model.config) == math_fields(
+        original.config
+    )  # llama3 scaling recovered from rope_freqs
     assert_same_weights(model, original)
     diff = max_diff(ours(model), reference(name)[1])
     print(f"{name}: tiny GGUF vs transformers max |diff| = {diff:.2e}")
@@ -448,7 +522,9 @@ def test_gguf_rope_freqs_that_are_not_metas_values(tiny_checkpoints, tmp_path):
     path = write_gguf(directory, tmp_path / "tiny.gguf", llama3_rope_freqs(original.config))
     with pytest.raises(ConfigError, match="rope_freqs.weight does not match"):
         llama_jax.convert.from_gguf(path, progress=False)
-    model = llama_jax.convert.from_gguf(path, dtype=jnp.float32, rope_scaling=original.config.rope_scaling, progress=False)
+    model = llama_jax.convert.from_gguf(
+        path, dtype=jnp.float32, rope_scaling=original.config.rope_scaling, progress=False
+    )
     assert_same_weights(model, original)
 
 
@@ -456,7 +532,9 @@ def test_gguf_errors(tiny_checkpoints, tmp_path):
     directory = tiny_checkpoints["untied"]
     extra = {"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}
     with pytest.raises(CheckpointError, match=r"unexpected 1 tensor\(s\): blk.0.attn_q.bias"):
-        llama_jax.convert.from_gguf(write_gguf(directory, tmp_path / "extra.gguf", extra=extra), progress=False)
+        llama_jax.convert.from_gguf(
+            write_gguf(directory, tmp_path / "extra.gguf", extra=extra), progress=False
+        )
     (tmp_path / "bad.gguf").write_bytes(b"GGML" + b"\0" * 64)
     with pytest.raises(CheckpointError, match="cannot read .*bad.gguf as GGUF"):
         llama_jax.convert.from_gguf(tmp_path / "bad.gguf")
@@ -471,7 +549,9 @@ def test_gguf_errors(tiny_checkpoints, tmp_path):
 @pytest.mark.parametrize("name", ["untied", "llama32_tied"])
 def test_from_torch_state_dict(reference, name):
     hf_model, hf_logits = reference(name)
-    model = llama_jax.convert.from_torch_state_dict(hf_model.state_dict(), hf_model.config, dtype=jnp.float32, progress=False)
+    model = llama_jax.convert.from_torch_state_dict(
+        hf_model.state_dict(), hf_model.config, dtype=jnp.float32, progress=False
+    )
     diff = max_diff(ours(model), hf_logits)
     print(f"{name}: from_torch_state_dict vs transformers max |diff| = {diff:.2e}")
     assert diff <= TOL
@@ -481,7 +561,9 @@ def test_from_torch_state_dict_errors(reference):
     hf_model, _ = reference("untied")
     state = dict(hf_model.state_dict())
     del state["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(CheckpointError, match=r"state_dict: missing 1 tensor\(s\): model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"state_dict: missing 1 tensor\(s\): model.layers.1.mlp.up_proj.weight"
+    ):
         llama_jax.convert.from_torch_state_dict(state, hf_model.config, progress=False)
     state = dict(hf_model.state_dict(), **{"model.norm.weight": torch.ones(65)})
     with pytest.raises(CheckpointError, match=r"model.norm.weight \(65,\) \(config implies \(64,\)\)"):
@@ -529,7 +611,9 @@ def test_save_pretrained_keeps_bfloat16(tiny_checkpoints, tmp_path):
     assert_same_weights(llama_jax.from_pretrained(out, dtype=jnp.bfloat16, progress=False), model)
 
 
-def test_save_pretrained_never_overwrites_or_leaves_half_a_checkpoint(tiny_checkpoints, tmp_path, monkeypatch):
+def test_save_pretrained_never_overwrites_or_leaves_half_a_checkpoint(
+    tiny_checkpoints, tmp_path, monkeypatch
+):
     model = llama_jax.from_pretrained(tiny_checkpoints["untied"], dtype=jnp.float32, progress=False)
     target = tmp_path / "export"
     target.mkdir()

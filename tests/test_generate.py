@@ -28,7 +28,11 @@ def models(tiny_checkpoints, smollm2_dir):
 def prompts_for(case, directory, vocab):
     if case == "smollm2":
         tokenizer = llama_jax.load_tokenizer(directory)
-        texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away, there lived"]
+        texts = [
+            "The capital of France is",
+            "def fibonacci(n):",
+            "Once upon a time, in a land far away, there lived",
+        ]
         return [tokenizer(t)["input_ids"] for t in texts]
     rng = np.random.default_rng(7)
     return [rng.integers(3, vocab, size=n).tolist() for n in (5, 17, 11)]
@@ -42,14 +46,20 @@ def test_cached_equals_naive_equals_transformers(models, case, batch):
     fast = llama_jax.generate(model, ids, mask, max_new_tokens=16)
     naive = llama_jax.generate_naive(model, ids, mask, max_new_tokens=16)
     with torch.no_grad():
-        expected = torch_model(directory).generate(
-            torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False, max_new_tokens=16
-        )[:, ids.shape[1]:].numpy()
+        expected = (
+            torch_model(directory)
+            .generate(
+                torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False, max_new_tokens=16
+            )[:, ids.shape[1] :]
+            .numpy()
+        )
     np.testing.assert_array_equal(fast, naive)
     np.testing.assert_array_equal(fast[:, : expected.shape[1]], expected)
     for row in range(batch):  # each row of the padded batch gives what its prompt gives alone
         prompt = ids[row, mask[row].astype(bool)]
-        np.testing.assert_array_equal(llama_jax.generate(model, prompt[None], max_new_tokens=16)[0], fast[row])
+        np.testing.assert_array_equal(
+            llama_jax.generate(model, prompt[None], max_new_tokens=16)[0], fast[row]
+        )
 
 
 def test_rows_stop_at_eos_and_are_padded(models):
@@ -65,8 +75,10 @@ def test_rows_stop_at_eos_and_are_padded(models):
             np.testing.assert_array_equal(stopped[row], free[row])
         else:
             np.testing.assert_array_equal(stopped[row, : at + 1], free[row, : at + 1])
-            assert model.config.pad_token_id is None  # so the pad id is the (first) EOS id, as in transformers
-            assert (stopped[row, at + 1:] == eos).all()
+            assert (
+                model.config.pad_token_id is None
+            )  # so the pad id is the (first) EOS id, as in transformers
+            assert (stopped[row, at + 1 :] == eos).all()
 
 
 def test_sampling_is_reproducible_for_a_seed(models):
@@ -83,14 +95,17 @@ def test_top_k_1_equals_greedy(models):
     _, model = models("untied")
     ids = np.array([[5, 6, 7, 8]])
     greedy = llama_jax.generate(model, ids, max_new_tokens=16, eos_token_id=())
-    top1 = llama_jax.generate(model, ids, max_new_tokens=16, temperature=1.5, top_k=1, seed=9, eos_token_id=())
+    top1 = llama_jax.generate(
+        model, ids, max_new_tokens=16, temperature=1.5, top_k=1, seed=9, eos_token_id=()
+    )
     np.testing.assert_array_equal(top1, greedy)
 
 
 def test_sample_next_filters():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    from llama_jax.generate import sample_next
     import jax
+
+    from llama_jax.generate import sample_next
 
     keys = jax.random.split(jax.random.key(0), 400)
     top2 = {int(sample_next(logits, k, llama_jax.Sampling(1.0, top_k=2))[0]) for k in keys}
@@ -111,8 +126,13 @@ def test_one_compile_per_bucket(models):
 def test_callback_streams_every_token(models):
     _, model = models("untied")
     seen = []
-    out = llama_jax.generate(model, np.array([[5, 6, 7]]), max_new_tokens=10, eos_token_id=(),
-                             callback=lambda step, tokens: seen.append((step, int(tokens[0]))))
+    out = llama_jax.generate(
+        model,
+        np.array([[5, 6, 7]]),
+        max_new_tokens=10,
+        eos_token_id=(),
+        callback=lambda step, tokens: seen.append((step, int(tokens[0]))),
+    )
     assert [s for s, _ in seen] == list(range(10))
     assert [t for _, t in seen] == out[0].tolist()
 
@@ -125,7 +145,10 @@ def test_callback_streams_every_token(models):
         (dict(input_ids=np.array([[1, 2, 0]]), attention_mask=np.array([[1, 1, 0]])), "left-padded"),
         (dict(input_ids=np.array([[1, 256]])), "token id 256 is outside the vocabulary"),
         (dict(input_ids=np.array([[1, -1]])), "token id -1 is outside the vocabulary"),
-        (dict(input_ids=np.array([[1, 2]]), max_new_tokens=2047), "exceeds the model's max_position_embeddings"),
+        (
+            dict(input_ids=np.array([[1, 2]]), max_new_tokens=2047),
+            "exceeds the model's max_position_embeddings",
+        ),
         (dict(input_ids=np.array([[1, 2]]), max_new_tokens=0), "max_new_tokens must be >= 1"),
         (dict(input_ids=np.array([[1, 2]]), temperature=-1.0), "temperature must be >= 0"),
         (dict(input_ids=np.array([[1, 2]]), temperature=1.0, top_p=1.5), r"top_p must be in \(0, 1\]"),
@@ -141,10 +164,13 @@ def test_generate_text_chat_and_stream(models):
     directory, model = models("smollm2")
     tokenizer = llama_jax.load_tokenizer(directory)
     pieces = []
-    answer = llama_jax.generate_text(model, tokenizer, "What is the capital of France?", chat=True,
-                                     max_new_tokens=24, stream=pieces.append)
+    answer = llama_jax.generate_text(
+        model, tokenizer, "What is the capital of France?", chat=True, max_new_tokens=24, stream=pieces.append
+    )
     assert "Paris" in answer and "".join(pieces) == answer
-    both = llama_jax.generate_text(model, tokenizer, ["The capital of France is", "2 + 2 ="], max_new_tokens=8)
+    both = llama_jax.generate_text(
+        model, tokenizer, ["The capital of France is", "2 + 2 ="], max_new_tokens=8
+    )
     assert len(both) == 2 and "Paris" in both[0]
     with pytest.raises(ValueError, match="has no tokens"):
         llama_jax.generate_text(model, tokenizer, "")

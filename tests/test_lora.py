@@ -10,10 +10,10 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import peft
-from flax import nnx
 import pytest
 import torch
 from conftest import torch_logits, torch_model
+from flax import nnx
 
 import llama_jax
 from llama_jax import AdapterError, CheckpointError, ConfigError
@@ -34,8 +34,13 @@ def ours(model, ids=IDS) -> np.ndarray:
 def peft_model(directory, seed=0):
     """transformers' model with a peft LoRA adapter on every projection, B not zero (so it does something)."""
     torch.manual_seed(seed)
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(llama_jax.lora.TARGETS),
-                             lora_dropout=0.0, init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        target_modules=list(llama_jax.lora.TARGETS),
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
     return peft.get_peft_model(torch_model(directory), config).eval()
 
 
@@ -64,43 +69,61 @@ def test_a_fresh_adapter_changes_nothing(checkpoint):
 
 
 def test_trainable_parameters_equal_peft(checkpoint, peft_adapter):
-    model = llama_jax.add_lora(llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False), rank=RANK)
+    model = llama_jax.add_lora(
+        llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False), rank=RANK
+    )
     trainable, _ = peft_adapter[0].get_nb_trainable_parameters()
-    print(f"trainable parameters: llama_jax {llama_jax.lora.trainable_parameters(model):,}, peft {trainable:,}")
+    print(
+        f"trainable parameters: llama_jax {llama_jax.lora.trainable_parameters(model):,}, peft {trainable:,}"
+    )
     assert llama_jax.lora.trainable_parameters(model) == trainable
 
 
 def test_a_peft_adapter_runs_in_llama_jax(checkpoint, peft_adapter):
     _, reference, directory = peft_adapter
-    model = llama_jax.load_adapter(llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False), directory)
+    model = llama_jax.load_adapter(
+        llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False), directory
+    )
     base = torch_logits(torch_model(checkpoint), IDS)
     diff = max_diff(ours(model), reference)
-    print(f"peft adapter: llama_jax vs peft max |diff| = {diff:.2e} (the adapter moves the logits by "
-          f"{max_diff(reference, base):.2f})")
+    print(
+        f"peft adapter: llama_jax vs peft max |diff| = {diff:.2e} (the adapter moves the logits by "
+        f"{max_diff(reference, base):.2f})"
+    )
     assert diff <= TOL and max_diff(reference, base) > 100 * TOL
 
 
 def test_merged_model_equals_peft_merge_and_unload(checkpoint, peft_adapter, tmp_path):
     peft_merged = peft_model(checkpoint).merge_and_unload()  # the same adapter values (same seed)
     reference = torch_logits(peft_merged, IDS)
-    model = llama_jax.load_adapter(llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False),
-                                   peft_adapter[2])
+    model = llama_jax.load_adapter(
+        llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False), peft_adapter[2]
+    )
     merged = llama_jax.merge_lora(model)
     assert not isinstance(merged.model.layers[0].self_attn.q_proj, llama_jax.lora.LoRALinear)
     diff = max_diff(ours(merged), reference)
-    print(f"merged: llama_jax vs peft merge_and_unload max |diff| = {diff:.2e}; "
-          f"merged vs unmerged llama_jax {max_diff(ours(merged), ours(model)):.2e}")
+    print(
+        f"merged: llama_jax vs peft merge_and_unload max |diff| = {diff:.2e}; "
+        f"merged vs unmerged llama_jax {max_diff(ours(merged), ours(model)):.2e}"
+    )
     assert diff <= TOL and max_diff(ours(merged), ours(model)) <= TOL
     saved = llama_jax.save_pretrained(merged, tmp_path / "merged")  # a plain checkpoint again
     assert max_diff(torch_logits(torch_model(saved), IDS), reference) <= TOL
 
 
 def test_llama_jax_adapter_loads_in_peft(checkpoint, tmp_path):
-    model = llama_jax.add_lora(llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False),
-                               rank=RANK, alpha=ALPHA, targets=("q_proj", "v_proj", "down_proj"), seed=3)
+    model = llama_jax.add_lora(
+        llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False),
+        rank=RANK,
+        alpha=ALPHA,
+        targets=("q_proj", "v_proj", "down_proj"),
+        seed=3,
+    )
     rng = np.random.default_rng(0)
     for _, module in llama_jax.lora._adapters(model):  # as if trained: B no longer zero
-        module.lora_b.set_value(jnp.asarray(rng.normal(0, 0.05, module.lora_b.get_value().shape), jnp.float32))
+        module.lora_b.set_value(
+            jnp.asarray(rng.normal(0, 0.05, module.lora_b.get_value().shape), jnp.float32)
+        )
     directory = llama_jax.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=checkpoint)
     config = json.load(open(os.path.join(directory, "adapter_config.json")))
     assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"] and config["r"] == RANK
@@ -108,7 +131,9 @@ def test_llama_jax_adapter_loads_in_peft(checkpoint, tmp_path):
     diff = max_diff(ours(model), torch_logits(loaded, IDS))
     print(f"llama_jax adapter in peft: max |diff| = {diff:.2e}")
     assert diff <= TOL
-    again = llama_jax.load_adapter(llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False), directory)
+    again = llama_jax.load_adapter(
+        llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False), directory
+    )
     np.testing.assert_array_equal(ours(again), ours(model))
 
 
@@ -124,7 +149,9 @@ def test_errors_are_one_line(checkpoint, peft_adapter, tiny_checkpoints, tmp_pat
         llama_jax.load_adapter(base, tmp_path)
     # an adapter for another base model: the shapes do not fit, and the error names the tensor
     other = llama_jax.from_pretrained(tiny_checkpoints["head_dim_32"], dtype=jnp.float32, progress=False)
-    with pytest.raises(AdapterError, match=r"self_attn\.\w+_proj\.lora_[AB]\.weight has shape .*another base model"):
+    with pytest.raises(
+        AdapterError, match=r"self_attn\.\w+_proj\.lora_[AB]\.weight has shape .*another base model"
+    ):
         llama_jax.load_adapter(other, peft_adapter[2])
     dora = shutil.copytree(peft_adapter[2], tmp_path / "dora")
     config = json.load(open(dora / "adapter_config.json"))
@@ -151,14 +178,21 @@ def torch_loss(model, ids, mask, loss_mask):
     real token, as llama_jax does for left padding."""
     labels = np.where(loss_mask * mask == 1, ids, -100)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    out = model(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask),
-                position_ids=torch.as_tensor(positions), labels=torch.as_tensor(labels, dtype=torch.long))
+    out = model(
+        input_ids=torch.as_tensor(ids, dtype=torch.long),
+        attention_mask=torch.as_tensor(mask),
+        position_ids=torch.as_tensor(positions),
+        labels=torch.as_tensor(labels, dtype=torch.long),
+    )
     return out.loss
 
 
 def adapter_values(model) -> dict[str, np.ndarray]:
-    return {f"{name}.lora_{part}": np.asarray(getattr(m, f"lora_{part.lower()}").get_value()).T
-            for name, m in llama_jax.lora._adapters(model) for part in "AB"}
+    return {
+        f"{name}.lora_{part}": np.asarray(getattr(m, f"lora_{part.lower()}").get_value()).T
+        for name, m in llama_jax.lora._adapters(model)
+        for part in "AB"
+    }
 
 
 def peft_values(model, grads=False) -> dict[str, np.ndarray]:
@@ -174,13 +208,15 @@ def test_loss_gradients_and_adamw_steps_equal_peft(checkpoint, peft_adapter):
     ids, mask, loss_mask = training_batch()
     reference = peft_model(checkpoint)  # the same adapter values as peft_adapter's (same seed)
     reference.train()
-    model = llama_jax.load_adapter(llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False),
-                                   peft_adapter[2])
+    model = llama_jax.load_adapter(
+        llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False), peft_adapter[2]
+    )
 
     loss = torch_loss(reference, ids, mask, loss_mask)
     loss.backward()
-    ours_loss, grads = nnx.value_and_grad(llama_jax.train.causal_lm_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(
-        model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(loss_mask))
+    ours_loss, grads = nnx.value_and_grad(
+        llama_jax.train.causal_lm_loss, argnums=nnx.DiffState(0, nnx.LoRAParam)
+    )(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(loss_mask))
     loss_rel = abs(float(ours_loss) - loss.item()) / loss.item()
     our_grads = {}
     for path, value in nnx.to_flat_state(grads):
@@ -188,14 +224,23 @@ def test_loss_gradients_and_adamw_steps_equal_peft(checkpoint, peft_adapter):
         our_grads[f"{module}.lora_{path[-1][-1].upper()}"] = np.asarray(value.get_value()).T
     their_grads = peft_values(reference, grads=True)
     assert our_grads.keys() == their_grads.keys()
-    grad_rel = max(np.abs(our_grads[k] - their_grads[k]).max() / np.abs(their_grads[k]).max() for k in our_grads)
-    print(f"loss {float(ours_loss):.6f} vs peft {loss.item():.6f} (relative {loss_rel:.1e}); "
-          f"adapter gradients: largest relative difference {grad_rel:.1e}")
+    grad_rel = max(
+        np.abs(our_grads[k] - their_grads[k]).max() / np.abs(their_grads[k]).max() for k in our_grads
+    )
+    print(
+        f"loss {float(ours_loss):.6f} vs peft {loss.item():.6f} (relative {loss_rel:.1e}); "
+        f"adapter gradients: largest relative difference {grad_rel:.1e}"
+    )
     assert loss_rel <= 1e-5 and grad_rel <= 1e-4
 
     # 10 AdamW steps each (weight decay on, no clipping, constant learning rate)
-    torch_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-3,
-                                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    torch_opt = torch.optim.AdamW(
+        [p for p in reference.parameters() if p.requires_grad],
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.01,
+    )
     optimizer = llama_jax.train.lora_optimizer(model, 1e-3, weight_decay=0.01, clip_norm=None)
     for step in range(10):
         if step:  # step 0's gradients are already there
@@ -210,36 +255,48 @@ def test_loss_gradients_and_adamw_steps_equal_peft(checkpoint, peft_adapter):
     assert diff <= 1e-3 and moved > 10 * diff
     # the base weights did not move
     base = llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False)
-    np.testing.assert_array_equal(model.model.layers[0].self_attn.q_proj.kernel.get_value(),
-                                  base.model.layers[0].self_attn.q_proj.kernel.get_value())
+    np.testing.assert_array_equal(
+        model.model.layers[0].self_attn.q_proj.kernel.get_value(),
+        base.model.layers[0].self_attn.q_proj.kernel.get_value(),
+    )
 
 
 def test_training_lowers_the_loss_and_refuses_bad_batches(checkpoint):
-    model = llama_jax.add_lora(llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False), rank=8)
+    model = llama_jax.add_lora(
+        llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False), rank=8
+    )
     ids, mask, loss_mask = training_batch()
     schedule = llama_jax.train.warmup_cosine(3e-3, steps=30, warmup=5)
     assert float(schedule(0)) == 0 and float(schedule(5)) == pytest.approx(3e-3) and float(schedule(30)) == 0
     optimizer = llama_jax.train.lora_optimizer(model, schedule)
     before = llama_jax.train.evaluate(model, ids, mask, loss_mask)
-    losses = llama_jax.train.fit(model, optimizer, iter(lambda: (ids, mask, loss_mask), None), steps=30, progress=False)
+    losses = llama_jax.train.fit(
+        model, optimizer, iter(lambda: (ids, mask, loss_mask), None), steps=30, progress=False
+    )
     after = llama_jax.train.evaluate(model, ids, mask, loss_mask)
     print(f"30 steps on one batch: loss {before:.3f} -> {after:.3f}")
     assert len(losses) == 30 and losses[0] == pytest.approx(before, rel=1e-5) and after < 0.5 * before
     with pytest.raises(ValueError, match="the batch has no target tokens"):
         llama_jax.train.train_step(model, optimizer, ids, mask, np.zeros_like(loss_mask))
     with pytest.raises(ValueError, match="no LoRA adapters to train"):
-        llama_jax.train.lora_optimizer(llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False))
+        llama_jax.train.lora_optimizer(
+            llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False)
+        )
 
 
 def test_bfloat16_base_with_float32_adapters_trains(checkpoint):
     """The GPU set-up: frozen bfloat16 weights, float32 adapters and optimizer state."""
-    model = llama_jax.add_lora(llama_jax.from_pretrained(checkpoint, dtype=jnp.bfloat16, progress=False), rank=8)
+    model = llama_jax.add_lora(
+        llama_jax.from_pretrained(checkpoint, dtype=jnp.bfloat16, progress=False), rank=8
+    )
     assert model.model.layers[0].self_attn.q_proj.kernel.get_value().dtype == jnp.bfloat16
     assert model.model.layers[0].self_attn.q_proj.lora_a.get_value().dtype == jnp.float32
     ids, mask, loss_mask = training_batch()
     optimizer = llama_jax.train.lora_optimizer(model, 3e-3)
     before = llama_jax.train.evaluate(model, ids, mask, loss_mask)
-    llama_jax.train.fit(model, optimizer, iter(lambda: (ids, mask, loss_mask), None), steps=10, progress=False)
+    llama_jax.train.fit(
+        model, optimizer, iter(lambda: (ids, mask, loss_mask), None), steps=10, progress=False
+    )
     after = llama_jax.train.evaluate(model, ids, mask, loss_mask)
     print(f"bfloat16 base, 10 steps: loss {before:.3f} -> {after:.3f}")
     assert np.isfinite(after) and after < 0.8 * before

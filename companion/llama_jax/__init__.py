@@ -2,26 +2,27 @@
 
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it from here)
 
+from . import convert, lora, sharding, train
 from .checkpoints import default_checkpoint, load_tokenizer, resolve_checkpoint, selected_checkpoint
-from .generate import Sampling, encode_prompts, generate, generate_naive, generate_text, left_pad
 from .config import LLAMA_3_2_1B, ConfigError, LlamaConfig, RopeScaling
-from .model import KVCache, LlamaForCausalLM
+from .generate import Sampling, encode_prompts, generate, generate_naive, generate_text, left_pad
 from .lora import AdapterError, add_lora, load_adapter, merge_lora, save_adapter
+from .model import KVCache, LlamaForCausalLM
 from .sharding import FSDP, TENSOR_PARALLEL, make_mesh
 from .weights import CheckpointError, from_pretrained, save_pretrained
-from . import convert, lora, sharding, train
 
 __all__ = [
+    "FSDP",
     "LLAMA_3_2_1B",
+    "TENSOR_PARALLEL",
     "AdapterError",
     "CheckpointError",
     "ConfigError",
-    "FSDP",
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
     "RopeScaling",
-    "TENSOR_PARALLEL",
+    "Sampling",
     "add_lora",
     "convert",
     "default_checkpoint",
@@ -31,7 +32,6 @@ __all__ = [
     "generate_naive",
     "generate_text",
     "left_pad",
-    "Sampling",
     "load_adapter",
     "load_tokenizer",
     "lora",

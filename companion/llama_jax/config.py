@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -62,7 +63,7 @@ class LlamaConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any]) -> "LlamaConfig":
+    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any]) -> LlamaConfig:
         """Read a Hugging Face ``config.json`` (a file, the directory holding it, or the parsed dict)."""
         if isinstance(path_or_dict, Mapping):
             return _from_dict(path_or_dict)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -93,8 +93,21 @@ def sample_next(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Ar
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampling", "stream", "mesh"))
-def _generate_program(graphdef, state, input_ids, prompt_mask, max_new_tokens, key, eos_ids, pad_id,
-                      *, cache_len: int, sampling: Sampling, stream: bool, mesh: Mesh | None):
+def _generate_program(
+    graphdef,
+    state,
+    input_ids,
+    prompt_mask,
+    max_new_tokens,
+    key,
+    eos_ids,
+    pad_id,
+    *,
+    cache_len: int,
+    sampling: Sampling,
+    stream: bool,
+    mesh: Mesh | None,
+):
     """Prefill + decode loop, compiled as one program. Returns new tokens [B, cache_len - P].
 
     On a ``mesh`` (a sharded model), the KV cache is laid out like the model (``kv_cache_sharding``)
@@ -149,11 +162,17 @@ def _check_inputs(model: LlamaForCausalLM, input_ids, attention_mask, max_new_to
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, time] with at least one token, got shape {ids.shape}")
-    mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
+    mask = (
+        np.ones(ids.shape, np.int32)
+        if attention_mask is None
+        else np.asarray(attention_mask).reshape(ids.shape)
+    )
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must be integers, got {ids.dtype}")
     if (mask.sum(axis=1) == 0).any():
-        raise ValueError(f"prompt {int(np.argmin(mask.sum(axis=1)))} is empty (its attention_mask is all zeros)")
+        raise ValueError(
+            f"prompt {int(np.argmin(mask.sum(axis=1)))} is empty (its attention_mask is all zeros)"
+        )
     if mask[:, -1].min() == 0:
         raise ValueError("prompts must be left-padded: the last column of attention_mask must be all ones")
     vocab = model.config.vocab_size
@@ -223,14 +242,25 @@ def generate(
     mesh = mesh_of(state)
     if mesh is not None:  # pad the batch to a multiple of the "batch" axis, then split it over that axis
         extra = _round_up(batch, mesh.shape["batch"]) - batch
-        ids, mask = split_rows(mesh, *(np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) for a in (ids, mask)))
+        ids, mask = split_rows(
+            mesh, *(np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) for a in (ids, mask))
+        )
     global _active_callback
     _active_callback = None if callback is None else _InStepOrder(callback)
     try:
         tokens = _generate_program(
-            graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jnp.int32(max_new_tokens),
-            jax.random.key(seed), jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad_id),
-            cache_len=cache_len, sampling=sampling, stream=callback is not None, mesh=mesh,
+            graphdef,
+            state,
+            jnp.asarray(ids),
+            jnp.asarray(mask),
+            jnp.int32(max_new_tokens),
+            jax.random.key(seed),
+            jnp.asarray(eos or (-1,), jnp.int32),
+            jnp.int32(pad_id),
+            cache_len=cache_len,
+            sampling=sampling,
+            stream=callback is not None,
+            mesh=mesh,
         )
         # replicated on a mesh: this process's first copy is the whole array
         return np.asarray(tokens.addressable_data(0))[:batch, :max_new_tokens]
@@ -311,11 +341,14 @@ def encode_prompts(tokenizer, prompts, *, chat: bool = False) -> tuple[np.ndarra
     already contains the special tokens it needs."""
     if chat:
         conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
-        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        texts = [
+            tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            for c in conversations
+        ]
     else:
         texts = list(prompts)
     encoded = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
-    for text, ids in zip(texts, encoded):
+    for text, ids in zip(texts, encoded, strict=True):
         if not ids:
             raise ValueError(f"prompt {text!r} has no tokens")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -346,7 +379,9 @@ def generate_text(
     callback = None
     if stream is not None:
         callback = _TextStreamer(tokenizer, eos, stream)
-    tokens = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, callback=callback, **sampling)
+    tokens = generate(
+        model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, callback=callback, **sampling
+    )
     texts = [tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True) for row in tokens]
     return texts[0] if single else texts
 

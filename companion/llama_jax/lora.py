@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +82,11 @@ def _place_like(array: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def add_lora(
-    model: LlamaForCausalLM, rank: int = 16, alpha: float = 32, targets: Sequence[str] = TARGETS, seed: int = 0,
+    model: LlamaForCausalLM,
+    rank: int = 16,
+    alpha: float = 32,
+    targets: Sequence[str] = TARGETS,
+    seed: int = 0,
     dtype=jnp.float32,
 ) -> LlamaForCausalLM:
     """Add LoRA adapters (in place; returns the model) to the projections named in ``targets``."""
@@ -91,7 +95,7 @@ def add_lora(
     if unknown := sorted(set(targets) - set(TARGETS)):
         raise ConfigError(f"LoRA targets {unknown} match no layer; the projections are {list(TARGETS)}")
     key = jax.random.key(seed)
-    for i, parent, name in _projections(model):
+    for _, parent, name in _projections(model):
         base = getattr(parent, name)
         if name not in targets or isinstance(base, LoRALinear):
             continue
@@ -117,7 +121,9 @@ def _adapters(model: LlamaForCausalLM) -> list[tuple[str, LoRALinear]]:
 
 def trainable_parameters(model: LlamaForCausalLM) -> int:
     """How many numbers the adapters hold (what peft's ``print_trainable_parameters`` calls trainable)."""
-    return sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
+    return sum(
+        int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
+    )
 
 
 def merge_lora(model: LlamaForCausalLM) -> LlamaForCausalLM:
@@ -125,9 +131,14 @@ def merge_lora(model: LlamaForCausalLM) -> LlamaForCausalLM:
     model's dtype; ``model`` itself is left as it is."""
     dtype = model.model.embed_tokens.embedding.get_value().dtype
     merged = {name: module for name, module in _adapters(model)}
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(model.config, dtype=dtype, rngs=nnx.Rngs(0))))
-    source = {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-              if not isinstance(v, nnx.LoRAParam)}
+    graphdef, state = nnx.split(
+        nnx.eval_shape(lambda: LlamaForCausalLM(model.config, dtype=dtype, rngs=nnx.Rngs(0)))
+    )
+    source = {
+        path: v.get_value()
+        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        if not isinstance(v, nnx.LoRAParam)
+    }
     filled = []
     for path, variable in nnx.to_flat_state(state):
         value = source[path]
@@ -142,8 +153,13 @@ def merge_lora(model: LlamaForCausalLM) -> LlamaForCausalLM:
 # --------------------------------------------------------------------------------- peft's file format
 
 
-def save_adapter(model: LlamaForCausalLM, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
-                 overwrite: bool = False) -> str:
+def save_adapter(
+    model: LlamaForCausalLM,
+    directory: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+) -> str:
     """Write the adapters as peft does (``adapter_config.json`` + ``adapter_model.safetensors``), so that
     ``peft.PeftModel.from_pretrained(transformers_model, directory)`` loads them. Written into a temporary
     directory and renamed into place; an existing non-empty ``directory`` is refused unless ``overwrite``."""
@@ -154,17 +170,32 @@ def save_adapter(model: LlamaForCausalLM, directory: str | os.PathLike, *, base_
         raise AdapterError("the model has no LoRA adapters: add_lora(model, ...) first")
     ranks_alphas = {(m.rank, m.alpha) for _, m in adapters}
     if len(ranks_alphas) > 1:
-        raise AdapterError(f"adapters with different (rank, alpha) {sorted(ranks_alphas)}: peft's format holds one")
-    (rank, alpha), = ranks_alphas
+        raise AdapterError(
+            f"adapters with different (rank, alpha) {sorted(ranks_alphas)}: peft's format holds one"
+        )
+    ((rank, alpha),) = ranks_alphas
     tensors = {}
     for name, module in adapters:
-        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(module.lora_a.get_value()).T)
-        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(module.lora_b.get_value()).T)
+        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(
+            np.asarray(module.lora_a.get_value()).T
+        )
+        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(
+            np.asarray(module.lora_b.get_value()).T
+        )
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
-        "target_modules": sorted({name.rsplit(".", 1)[1] for name, _ in adapters}), "bias": "none",
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
-        "base_model_name_or_path": base_model_name_or_path, "modules_to_save": None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted({name.rsplit(".", 1)[1] for name, _ in adapters}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+        "modules_to_save": None,
     }
     target = os.path.abspath(os.fspath(directory))
     if os.path.isdir(target) and os.listdir(target) and not overwrite:
@@ -200,7 +231,12 @@ def load_adapter(model: LlamaForCausalLM, directory: str | os.PathLike) -> Llama
         config = json.load(f)
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{config_path}: peft_type={config.get('peft_type')!r}; only 'LORA' is supported")
-    for field, fine in (("use_dora", False), ("use_rslora", False), ("bias", "none"), ("fan_in_fan_out", False)):
+    for field, fine in (
+        ("use_dora", False),
+        ("use_rslora", False),
+        ("bias", "none"),
+        ("fan_in_fan_out", False),
+    ):
         if config.get(field, fine) != fine:
             raise AdapterError(f"{config_path}: unsupported {field}={config[field]!r}")
     for field in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform"):
@@ -208,7 +244,9 @@ def load_adapter(model: LlamaForCausalLM, directory: str | os.PathLike) -> Llama
             raise AdapterError(f"{config_path}: unsupported {field}={config[field]!r}")
 
     tensors = load_file(weights_path)
-    pattern = re.compile(re.escape(_PEFT_PREFIX) + r"(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+))\.lora_([AB])\.weight")
+    pattern = re.compile(
+        re.escape(_PEFT_PREFIX) + r"(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+))\.lora_([AB])\.weight"
+    )
     found: dict[str, dict[str, np.ndarray]] = {}
     for name, tensor in tensors.items():
         match = pattern.fullmatch(name)
@@ -233,5 +271,7 @@ def load_adapter(model: LlamaForCausalLM, directory: str | os.PathLike) -> Llama
                     f"{weights_path}: {module_name}.lora_{part}.weight has shape {pair[part].shape}, the model "
                     f"needs {variable.get_value().shape[::-1]} (another base model or rank?)"
                 )
-            variable.set_value(_place_like(jnp.asarray(value, variable.get_value().dtype), module.kernel.get_value()))
+            variable.set_value(
+                _place_like(jnp.asarray(value, variable.get_value().dtype), module.kernel.get_value())
+            )
     return model

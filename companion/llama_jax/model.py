@@ -45,7 +45,7 @@ class KVCache:
     values: list[jax.Array]
 
     @classmethod
-    def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype) -> "KVCache":
+    def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype) -> KVCache:
         shape = (batch, config.num_key_value_heads, length, config.head_dim)
         layers = range(config.num_hidden_layers)
         return cls([jnp.zeros(shape, dtype) for _ in layers], [jnp.zeros(shape, dtype) for _ in layers])
@@ -75,7 +75,11 @@ class LlamaAttention(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
         hidden, d = config.hidden_size, config.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            d,
+        )
         linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.q_proj = linear(hidden, self.num_heads * d)
         self.k_proj = linear(hidden, self.num_kv_heads * d)
@@ -177,7 +181,12 @@ class LlamaForCausalLM(nnx.Module):
         self.model = LlamaModel(config, dtype=dtype, rngs=rngs)
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Linear(
-                config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs
+                config.hidden_size,
+                config.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=dtype,
+                rngs=rngs,
             )
 
     def logits(self, hidden: jax.Array) -> jax.Array:

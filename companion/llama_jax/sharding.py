@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -65,7 +65,9 @@ def make_mesh(batch: int = 1, model: int = 1, devices: Sequence[jax.Device] | No
             f"mesh batch={batch} x model={model} needs {batch * model} devices; {len(available)} are available"
         )
     auto = (jax.sharding.AxisType.Auto,) * 2
-    return jax.make_mesh((batch, model), ("batch", "model"), axis_types=auto, devices=available[: batch * model])
+    return jax.make_mesh(
+        (batch, model), ("batch", "model"), axis_types=auto, devices=available[: batch * model]
+    )
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -114,9 +116,14 @@ def partition_specs(
     for name, shape in shapes.items():
         specs[name] = spec = spec_for(name, rules)
         if len(spec) > len(shape):
-            raise ConfigError(f"rule for {name}: {spec} has more entries than the tensor's {len(shape)} dimensions")
-        cuts += [(name, axis, axes, *_units(name, axis, shape[axis], config))
-                 for axis, axes in enumerate(spec) if axes is not None]
+            raise ConfigError(
+                f"rule for {name}: {spec} has more entries than the tensor's {len(shape)} dimensions"
+            )
+        cuts += [
+            (name, axis, axes, *_units(name, axis, shape[axis], config))
+            for axis, axes in enumerate(spec)
+            if axes is not None
+        ]
     for name, axis, axes, units, what in cuts:
         n = _axis_size(mesh, axes)
         if units % n:

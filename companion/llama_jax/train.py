@@ -12,7 +12,7 @@ is split over the mesh's ``"batch"`` axis and XLA does the rest.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +45,13 @@ def warmup_cosine(learning_rate: float, steps: int, warmup: int = 0) -> optax.Sc
     return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, steps, end_value=0.0)
 
 
-def lora_optimizer(model: LlamaForCausalLM, learning_rate: float | optax.Schedule = 1e-4, *,
-                   weight_decay: float = 0.0, clip_norm: float | None = 1.0) -> nnx.Optimizer:
+def lora_optimizer(
+    model: LlamaForCausalLM,
+    learning_rate: float | optax.Schedule = 1e-4,
+    *,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = 1.0,
+) -> nnx.Optimizer:
     """AdamW on the adapters only (after gradient clipping to ``clip_norm``, if given)."""
     if not nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
         raise ValueError("the model has no LoRA adapters to train: llama_jax.add_lora(model, ...) first")
@@ -70,21 +75,27 @@ def _on_mesh(model, *arrays):
         return [jnp.asarray(a) for a in arrays]
     rows = mesh.shape["batch"]
     if arrays[0].shape[0] % rows:
-        raise ValueError(f"batch of {arrays[0].shape[0]} is not a multiple of the mesh's 'batch' axis ({rows})")
+        raise ValueError(
+            f"batch of {arrays[0].shape[0]} is not a multiple of the mesh's 'batch' axis ({rows})"
+        )
     return split_rows(mesh, *arrays)
 
 
 def _check_batch(input_ids, attention_mask, loss_mask):
     ids, mask, targets = (np.asarray(a) for a in (input_ids, attention_mask, loss_mask))
     if not ids.shape == mask.shape == targets.shape or ids.ndim != 2:
-        raise ValueError(f"input_ids {ids.shape}, attention_mask {mask.shape} and loss_mask {targets.shape} "
-                         "must be the same [batch, time] shape")
+        raise ValueError(
+            f"input_ids {ids.shape}, attention_mask {mask.shape} and loss_mask {targets.shape} "
+            "must be the same [batch, time] shape"
+        )
     if not (targets[:, 1:] * mask[:, 1:]).any():
         raise ValueError("the batch has no target tokens: loss_mask (after the first position) is all zeros")
     return ids.astype(np.int32), mask.astype(np.int32), targets.astype(np.int32)
 
 
-def train_step(model: LlamaForCausalLM, optimizer: nnx.Optimizer, input_ids, attention_mask, loss_mask) -> float:
+def train_step(
+    model: LlamaForCausalLM, optimizer: nnx.Optimizer, input_ids, attention_mask, loss_mask
+) -> float:
     """One optimizer step on one batch (compiled once per batch shape); returns the batch's loss."""
     batch = _on_mesh(model, *_check_batch(input_ids, attention_mask, loss_mask))
     return float(_train_step(model, optimizer, *batch))
@@ -100,13 +111,14 @@ def evaluate(model: LlamaForCausalLM, input_ids, attention_mask, loss_mask) -> f
     return float(_eval_loss(model, *_on_mesh(model, *_check_batch(input_ids, attention_mask, loss_mask))))
 
 
-def fit(model: LlamaForCausalLM, optimizer: nnx.Optimizer, batches: Iterable, *, steps: int,
-        progress: bool = True) -> list[float]:
+def fit(
+    model: LlamaForCausalLM, optimizer: nnx.Optimizer, batches: Iterable, *, steps: int, progress: bool = True
+) -> list[float]:
     """Train for ``steps`` batches from ``batches`` (tuples of input_ids, attention_mask, loss_mask); a progress
     bar shows the running loss. Returns the loss of every step."""
     losses = []
     bar = tqdm(total=steps, desc="training", disable=not progress, leave=False)
-    for step, batch in zip(range(steps), batches):
+    for _, batch in zip(range(steps), batches, strict=False):
         losses.append(train_step(model, optimizer, *batch))
         bar.update()
         bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +102,7 @@ def check_tensors(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]], so
 def model_from_tensors(
     config: LlamaConfig,
     shapes: Mapping[str, tuple[int, ...]],
-    read: Callable[[str], "np.ndarray | jax.Array"],
+    read: Callable[[str], np.ndarray | jax.Array],
     *,
     dtype=jnp.bfloat16,
     source: str = "checkpoint",
@@ -122,7 +122,9 @@ def model_from_tensors(
     graphdef, state = nnx.split(_abstract_model(config, dtype))
     specs = None if mesh is None else partition_specs(config, parameter_shapes(config), mesh, rules)
     filled = []
-    for path, variable in tqdm(nnx.to_flat_state(state), desc="loading weights", disable=not progress, leave=False):
+    for path, variable in tqdm(
+        nnx.to_flat_state(state), desc="loading weights", disable=not progress, leave=False
+    ):
         name, kernel = hf_name(path), path[-1] == "kernel"
         if specs is None:
             tensor = jnp.asarray(read(name), dtype=dtype)
@@ -184,7 +186,12 @@ def safetensors_files(directory: str) -> list[str]:
 
 
 def load_safetensors(
-    directory: str, config: LlamaConfig, *, dtype=jnp.bfloat16, progress=True, mesh: Mesh | None = None,
+    directory: str,
+    config: LlamaConfig,
+    *,
+    dtype=jnp.bfloat16,
+    progress=True,
+    mesh: Mesh | None = None,
     rules: Rules = TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:
     """Read a (single-file or sharded) safetensors checkpoint one tensor at a time into the model; with
@@ -203,13 +210,24 @@ def load_safetensors(
             handles[name] = handle
             shapes[name] = tuple(handle.get_slice(name).get_shape())
     return model_from_tensors(
-        config, shapes, lambda n: handles[n].get_tensor(n), dtype=dtype, source=directory, progress=progress,
-        mesh=mesh, rules=rules, read_slice=lambda n, index: handles[n].get_slice(n)[index],
+        config,
+        shapes,
+        lambda n: handles[n].get_tensor(n),
+        dtype=dtype,
+        source=directory,
+        progress=progress,
+        mesh=mesh,
+        rules=rules,
+        read_slice=lambda n, index: handles[n].get_slice(n)[index],
     )
 
 
 def from_pretrained(
-    path_or_repo_id: str | os.PathLike, dtype=jnp.bfloat16, *, progress: bool = True, mesh: Mesh | None = None,
+    path_or_repo_id: str | os.PathLike,
+    dtype=jnp.bfloat16,
+    *,
+    progress: bool = True,
+    mesh: Mesh | None = None,
     rules: Rules = TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:
     """Load a Hugging Face Llama checkpoint: a local directory, or a hub repo id such as
@@ -230,14 +248,25 @@ def _parse_size(size: int | str) -> int:
     """Bytes from an int or a string like transformers' ``max_shard_size``: "5GB" (10**9), "500MiB" (2**20)."""
     if isinstance(size, int):
         return size
-    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    units = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }
     text = str(size).strip().upper()
     number = text.rstrip("KMGTIB")
-    unit = text[len(number):].strip() or "B"
+    unit = text[len(number) :].strip() or "B"
     try:
         return int(float(number) * units[unit])
     except (ValueError, KeyError):
-        raise ValueError(f"max_shard_size={size!r}: expected bytes or a size such as '5GB' or '500MiB'") from None
+        raise ValueError(
+            f"max_shard_size={size!r}: expected bytes or a size such as '5GB' or '500MiB'"
+        ) from None
 
 
 def save_pretrained(
@@ -290,9 +319,14 @@ def save_pretrained(
             weight_map = {}
             for i, names in enumerate(shards, start=1):
                 filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file({n: tensors[n] for n in names}, os.path.join(tmp, filename), metadata={"format": "pt"})
+                save_file(
+                    {n: tensors[n] for n in names}, os.path.join(tmp, filename), metadata={"format": "pt"}
+                )
                 weight_map.update({n: filename for n in names})
-            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                "weight_map": weight_map,
+            }
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
         if tokenizer is not None:

@@ -62,11 +62,15 @@ def gguf_metadata(reader) -> dict:
     return {
         key: field.contents()
         for key, field in reader.fields.items()
-        if not (key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "token_type", "merges", "scores")))
+        if not (
+            key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "token_type", "merges", "scores"))
+        )
     }
 
 
-def _rope_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float, given: RopeScaling | None, source: str):
+def _rope_scaling_from_factors(
+    factors: np.ndarray, head_dim: int, theta: float, given: RopeScaling | None, source: str
+):
     """The llama3 RoPE scaling that ``rope_freqs.weight`` encodes: Meta's values (factor = the largest
     multiplier, low 1, high 4, original context 8192) unless the caller gives others; either way it must
     reproduce the tensor, or the file's RoPE is something this package does not implement."""
@@ -82,7 +86,9 @@ def _rope_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float,
     return scaling
 
 
-def gguf_config(meta: dict, shapes: dict, rope_factors: np.ndarray | None, rope_scaling=None, source="gguf") -> LlamaConfig:
+def gguf_config(
+    meta: dict, shapes: dict, rope_factors: np.ndarray | None, rope_scaling=None, source="gguf"
+) -> LlamaConfig:
     """A LlamaConfig from a GGUF file's ``llama.*`` metadata (and its ``rope_freqs`` tensor)."""
     arch = meta.get("general.architecture")
     if arch != "llama":
@@ -99,7 +105,9 @@ def gguf_config(meta: dict, shapes: dict, rope_factors: np.ndarray | None, rope_
     hidden, heads = key("embedding_length"), key("attention.head_count")
     head_dim = key("attention.key_length", hidden // heads)
     if (rotary := key("rope.dimension_count", head_dim)) != head_dim:
-        raise ConfigError(f"{source}: llama.rope.dimension_count={rotary} differs from head_dim={head_dim} (partial RoPE)")
+        raise ConfigError(
+            f"{source}: llama.rope.dimension_count={rotary} differs from head_dim={head_dim} (partial RoPE)"
+        )
     if (scaling_type := meta.get("llama.rope.scaling.type", "none")) != "none":
         raise ConfigError(f"{source}: unsupported llama.rope.scaling.type={scaling_type!r}")
     theta = key("rope.freq_base", 10000.0, float)
@@ -143,8 +151,13 @@ def _read_gguf(path: str | os.PathLike):
 
 
 def from_gguf(
-    path: str | os.PathLike, dtype=jnp.bfloat16, *, rope_scaling: RopeScaling | None = None, progress: bool = True,
-    mesh=None, rules=TENSOR_PARALLEL,
+    path: str | os.PathLike,
+    dtype=jnp.bfloat16,
+    *,
+    rope_scaling: RopeScaling | None = None,
+    progress: bool = True,
+    mesh=None,
+    rules=TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:
     """Load a llama.cpp GGUF file (architecture ``llama``), dequantizing every tensor to ``dtype``.
 
@@ -162,7 +175,11 @@ def from_gguf(
     hf_names = {gguf_to_hf_name(name): name for name in tensors}
     # GGML lists dimensions fastest-first: reversed, they are numpy's (and PyTorch's) order.
     shapes = {hf: tuple(int(d) for d in reversed(tensors[g].shape)) for hf, g in hf_names.items()}
-    factors = None if rope_freqs is None else np.asarray(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type), np.float32).ravel()
+    factors = (
+        None
+        if rope_freqs is None
+        else np.asarray(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type), np.float32).ravel()
+    )
     config = gguf_config(gguf_metadata(reader), shapes, factors, rope_scaling, source=path)
 
     def read(hf_name: str) -> np.ndarray:
@@ -175,7 +192,9 @@ def from_gguf(
             ) from None
         return unpermute_qk(hf_name, np.asarray(w, np.float32).reshape(shapes[hf_name]), config)
 
-    return model_from_tensors(config, shapes, read, dtype=dtype, source=path, progress=progress, mesh=mesh, rules=rules)
+    return model_from_tensors(
+        config, shapes, read, dtype=dtype, source=path, progress=progress, mesh=mesh, rules=rules
+    )
 
 
 _SPECIAL_TOKEN_IDS = {
@@ -195,7 +214,10 @@ def tokenizer_from_gguf(path: str | os.PathLike):
     with PyTorch; this one needs no PyTorch).
     """
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
 
     path = os.fspath(path)
     reader = _read_gguf(path)
@@ -205,11 +227,15 @@ def tokenizer_from_gguf(path: str | os.PathLike):
 
     def renamed(group: str) -> dict:  # the file's keys under transformers' names
         mapping = GGUF_TOKENIZER_MAPPING[group]
-        return {name: fields[f"tokenizer.{key}"] for key, name in mapping.items() if f"tokenizer.{key}" in fields}
+        return {
+            name: fields[f"tokenizer.{key}"] for key, name in mapping.items() if f"tokenizer.{key}" in fields
+        }
 
     tokenizer_dict = renamed("tokenizer")  # tokens, merges, token types, ...
     init_kwargs = renamed("tokenizer_config")  # the chat template, add_bos_token
-    if tokenizer_dict.get("tokenizer_type") == "llama":  # sentencepiece: llama.cpp adds BOS unless told not to
+    if (
+        tokenizer_dict.get("tokenizer_type") == "llama"
+    ):  # sentencepiece: llama.cpp adds BOS unless told not to
         init_kwargs.setdefault("add_bos_token", True)
     for name, id_key in _SPECIAL_TOKEN_IDS.items():
         index = fields.get(f"tokenizer.ggml.{id_key}")

@@ -166,7 +166,12 @@ def check_against_checkpoint(config: LlamaConfig, checkpoint, source: str) -> No
 
 
 def from_keras_hub(
-    keras_model_or_backbone, dtype=jnp.bfloat16, *, checkpoint=None, progress: bool = True, mesh=None,
+    keras_model_or_backbone,
+    dtype=jnp.bfloat16,
+    *,
+    checkpoint=None,
+    progress: bool = True,
+    mesh=None,
     rules=TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:
     """Convert a Keras Hub Llama 3 model (``Llama3CausalLM``, or its ``Llama3Backbone``) to llama_jax.
@@ -179,7 +184,9 @@ def from_keras_hub(
     """
     backbone = getattr(keras_model_or_backbone, "backbone", keras_model_or_backbone)
     if not hasattr(backbone, "get_config") or "num_query_heads" not in backbone.get_config():
-        raise CheckpointError(f"{type(keras_model_or_backbone).__name__} is not a Keras Hub Llama model or backbone")
+        raise CheckpointError(
+            f"{type(keras_model_or_backbone).__name__} is not a Keras Hub Llama model or backbone"
+        )
     preprocessor = getattr(keras_model_or_backbone, "preprocessor", None)
     config = keras_config(backbone, getattr(preprocessor, "tokenizer", None))
     source = f"Keras Hub {type(keras_model_or_backbone).__name__}"
@@ -190,7 +197,9 @@ def from_keras_hub(
     for variable in backbone.weights:
         hf_name, rank = keras_to_hf_name(variable.path)
         if hf_name in variables:
-            raise CheckpointError(f"{source}: two variables map to {hf_name} ({variables[hf_name].path}, {variable.path})")
+            raise CheckpointError(
+                f"{source}: two variables map to {hf_name} ({variables[hf_name].path}, {variable.path})"
+            )
         if rank is not None and len(variable.shape) != rank:
             raise CheckpointError(
                 f"{source}: {variable.path} has shape {tuple(variable.shape)}, not the {rank}-d layout this converter knows"

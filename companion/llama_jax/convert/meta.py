@@ -46,8 +46,18 @@ _TOP_NAMES = {
     "output.weight": "lm_head.weight",
 }
 # params.json keys that Meta's Llama 3 code reads, and those that describe only how it runs.
-_PARAMS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim_multiplier", "multiple_of",
-           "norm_eps", "rope_theta", "use_scaled_rope"}
+_PARAMS = {
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "ffn_dim_multiplier",
+    "multiple_of",
+    "norm_eps",
+    "rope_theta",
+    "use_scaled_rope",
+}
 _RUNTIME_PARAMS = {"max_batch_size", "max_seq_len"}
 # Meta's code hard-codes these three llama3 RoPE values; only the factor varies by family.
 _META_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
@@ -114,15 +124,23 @@ def _read_params(directory: str) -> dict:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     if unknown := sorted(params.keys() - _PARAMS - _RUNTIME_PARAMS):
-        raise ConfigError(f"{path}: unsupported field(s) {unknown} (quantized, LoRA or multimodal checkpoints are not supported)")
+        raise ConfigError(
+            f"{path}: unsupported field(s) {unknown} (quantized, LoRA or multimodal checkpoints are not supported)"
+        )
     for field in ("dim", "n_layers", "n_heads", "vocab_size"):
         if not isinstance(params.get(field), int) or params[field] <= 0:
-            raise ConfigError(f"{path}: field {field!r} must be a positive integer, got {params.get(field)!r}")
+            raise ConfigError(
+                f"{path}: field {field!r} must be a positive integer, got {params.get(field)!r}"
+            )
     return params
 
 
 def meta_config(
-    params: dict, *, tie_word_embeddings: bool, rope_scaling_factor: float | None = None, source: str = "params.json"
+    params: dict,
+    *,
+    tie_word_embeddings: bool,
+    rope_scaling_factor: float | None = None,
+    source: str = "params.json",
 ) -> LlamaConfig:
     """A LlamaConfig from Meta's ``params.json`` fields (see ``from_meta`` for what the file leaves out)."""
     dim, heads = params["dim"], params["n_heads"]
@@ -130,13 +148,17 @@ def meta_config(
         factor = 32.0 if rope_scaling_factor is None else float(rope_scaling_factor)
         scaling = RopeScaling(factor=factor, **_META_ROPE)
     elif rope_scaling_factor is not None:
-        raise ConfigError(f"{source}: rope_scaling_factor={rope_scaling_factor} given, but use_scaled_rope is not set")
+        raise ConfigError(
+            f"{source}: rope_scaling_factor={rope_scaling_factor} given, but use_scaled_rope is not set"
+        )
     else:
         scaling = None
     return LlamaConfig(
         vocab_size=params["vocab_size"],
         hidden_size=dim,
-        intermediate_size=meta_intermediate_size(dim, params.get("ffn_dim_multiplier"), params.get("multiple_of", 256)),
+        intermediate_size=meta_intermediate_size(
+            dim, params.get("ffn_dim_multiplier"), params.get("multiple_of", 256)
+        ),
         num_hidden_layers=params["n_layers"],
         num_attention_heads=heads,
         num_key_value_heads=params.get("n_kv_heads") or heads,
@@ -160,8 +182,13 @@ def meta_to_hf_name(name: str) -> str:
 
 
 def from_meta(
-    directory: str | os.PathLike, dtype=jnp.bfloat16, rope_scaling_factor: float | None = None, *, progress: bool = True,
-    mesh=None, rules=TENSOR_PARALLEL,
+    directory: str | os.PathLike,
+    dtype=jnp.bfloat16,
+    rope_scaling_factor: float | None = None,
+    *,
+    progress: bool = True,
+    mesh=None,
+    rules=TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:
     """Load Meta's original checkpoint (``params.json`` + ``consolidated.00.pth``).
 
@@ -196,11 +223,14 @@ def from_meta(
     # rope.freqs (Llama 1/2 checkpoints) is computed from the config, not learned.
     state = {name: tensor for name, tensor in state.items() if name != "rope.freqs"}
     tied = "output.weight" not in state or (
-        "tok_embeddings.weight" in state and torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+        "tok_embeddings.weight" in state
+        and torch.equal(state["output.weight"], state["tok_embeddings.weight"])
     )
     if tied:
         state.pop("output.weight", None)
-    config = meta_config(params, tie_word_embeddings=tied, rope_scaling_factor=rope_scaling_factor, source=path)
+    config = meta_config(
+        params, tie_word_embeddings=tied, rope_scaling_factor=rope_scaling_factor, source=path
+    )
 
     meta_names = {meta_to_hf_name(name): name for name in state}
     shapes = {hf: tuple(state[meta].shape) for hf, meta in meta_names.items()}
@@ -208,7 +238,9 @@ def from_meta(
     def read(hf_name: str) -> np.ndarray:
         return unpermute_qk(hf_name, state[meta_names[hf_name]].to(torch.float32).numpy(), config)
 
-    return model_from_tensors(config, shapes, read, dtype=dtype, source=path, progress=progress, mesh=mesh, rules=rules)
+    return model_from_tensors(
+        config, shapes, read, dtype=dtype, source=path, progress=progress, mesh=mesh, rules=rules
+    )
 
 
 def to_meta(model: LlamaForCausalLM, directory: str | os.PathLike) -> str:
@@ -229,9 +261,15 @@ def to_meta(model: LlamaForCausalLM, directory: str | os.PathLike) -> str:
             f"{config.hidden_size}/{config.num_attention_heads}: Meta's params.json cannot express it"
         )
     if config.rope_scaling is not None:
-        odd = {k: getattr(config.rope_scaling, k) for k, v in _META_ROPE.items() if getattr(config.rope_scaling, k) != v}
+        odd = {
+            k: getattr(config.rope_scaling, k)
+            for k, v in _META_ROPE.items()
+            if getattr(config.rope_scaling, k) != v
+        }
         if odd:
-            raise ConfigError(f"llama3 RoPE scaling {odd} differs from Meta's fixed values {_META_ROPE}: params.json cannot express it")
+            raise ConfigError(
+                f"llama3 RoPE scaling {odd} differs from Meta's fixed values {_META_ROPE}: params.json cannot express it"
+            )
     multiplier, multiple_of = meta_ffn_params(config.hidden_size, config.intermediate_size)
     params = {
         "dim": config.hidden_size,
@@ -247,7 +285,9 @@ def to_meta(model: LlamaForCausalLM, directory: str | os.PathLike) -> str:
     }
 
     hf = hf_tensors(model)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(hf["model.norm.weight"].dtype)]
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        str(hf["model.norm.weight"].dtype)
+    ]
     to_hf = {hf_name: meta_name for meta_name, hf_name in _TOP_NAMES.items()}
     state = {}
     for name, w in hf.items():
@@ -268,7 +308,9 @@ def to_meta(model: LlamaForCausalLM, directory: str | os.PathLike) -> str:
     os.makedirs(directory, exist_ok=True)
     # Each file is written under a temporary name, then renamed: never a half-written file under the real name.
     torch.save(state, os.path.join(directory, ".consolidated.00.pth.tmp"))
-    os.replace(os.path.join(directory, ".consolidated.00.pth.tmp"), os.path.join(directory, "consolidated.00.pth"))
+    os.replace(
+        os.path.join(directory, ".consolidated.00.pth.tmp"), os.path.join(directory, "consolidated.00.pth")
+    )
     with open(os.path.join(directory, ".params.json.tmp"), "w") as f:
         json.dump(params, f, indent=2)
     os.replace(os.path.join(directory, ".params.json.tmp"), os.path.join(directory, "params.json"))

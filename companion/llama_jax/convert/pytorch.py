@@ -6,7 +6,8 @@ JAX), one at a time.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,11 +26,18 @@ def _config(config: Any) -> LlamaConfig:
         return LlamaConfig.from_hf(config.to_dict())
     if isinstance(config, Mapping):  # a config.json dict
         return LlamaConfig.from_hf(config)
-    raise TypeError(f"config must be a llama_jax.LlamaConfig, a transformers config or a dict, not {type(config).__name__}")
+    raise TypeError(
+        f"config must be a llama_jax.LlamaConfig, a transformers config or a dict, not {type(config).__name__}"
+    )
 
 
 def from_torch_state_dict(
-    state_dict: Mapping[str, Any], config: Any, dtype=jnp.bfloat16, *, progress: bool = True, mesh=None,
+    state_dict: Mapping[str, Any],
+    config: Any,
+    dtype=jnp.bfloat16,
+    *,
+    progress: bool = True,
+    mesh=None,
     rules=TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:
     """Build the model from a transformers ``LlamaForCausalLM.state_dict()`` (torch tensors, any dtype).
