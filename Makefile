@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # pip prints one line per package for every local index that lacks it: keep the output readable
 QUIET := 2>&1 | { grep -v ' is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: install generate lint format test test-1b-shape book sync bench bench-train clean
+.PHONY: install generate lint format test test-1b-shape book sync bench bench-cli bench-train clean
 
 $(STAMP): requirements.txt companion/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,9 +24,12 @@ generate: $(STAMP)
 	$(PY) -m llama_jax generate "The capital of France is" --max-new-tokens 24
 
 # One formatter and linter (settings in pyproject.toml): seconds, so it runs first.
+# The chapters' code is checked at the book's width, 79 columns, in their .ipynb pairs (which hold
+# the .md's cells: tests/test_book.py::test_pair_in_sync), formatted cell by cell as ruff does notebooks.
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check companion tests bench
 	$(VENV)/bin/ruff check companion tests bench
+	$(VENV)/bin/ruff format --check --line-length 79 book/[0-9][0-9]_*.ipynb
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format companion tests bench
@@ -57,6 +60,10 @@ sync: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/generate.py
+
+# CLI wall time, cold and warm compilation cache, against a 7-line transformers script (bench/CLI_RESULTS.md)
+bench-cli: $(STAMP)
+	$(PY) bench/cli.py
 
 bench-train: $(STAMP)
 	$(PY) bench/train.py

@@ -61,3 +61,29 @@ def test_generate_on_a_mesh_of_three_devices(smollm2_dir):
     result = run_cli("generate", "x", "--mesh", "model=4", env=env)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: mesh batch=1 x model=4 needs 4 devices; 3 are available"
+
+
+def test_chat_with_piped_stdin_keeps_the_conversation(smollm2_dir):
+    lines = "What is the capital of France?\n/reset\nWhat is the capital of Germany?\nAnd of Italy?\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "llama_jax", "chat", "--max-new-tokens", "24"],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "> What is the capital of France?" in out and "(conversation cleared)" in out
+    france, rest = out.split("(conversation cleared)")
+    assert "Paris" in france
+    germany, italy = rest.split("> And of Italy?")
+    assert "Berlin" in germany and "Rome" in italy  # "And of Italy?" only makes sense with the history
+
+
+def test_help_has_examples_and_version():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "examples:" in result.stdout and "llama_jax chat" in result.stdout
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("llama_jax ")

@@ -327,13 +327,81 @@ def test_from_meta_equals_transformers(meta_dirs, reference, name, factor):
     assert model.config.tie_word_embeddings == (name == "meta_like")  # output.weight == tok_embeddings.weight
 
 
-def test_from_meta_needs_the_right_rope_factor(meta_dirs, reference):
-    # params.json says only use_scaled_rope: the default factor (32, Llama 3.2's) is wrong for this 3.1-like model
-    model = llama_jax.convert.from_meta(meta_dirs["meta_like"], dtype=jnp.float32, progress=False)
-    assert model.config.rope_scaling == RopeScaling(factor=32.0)
-    diff = max_diff(ours(model), reference("meta_like")[1])
+# Meta's published params.json of Llama 3.1 8B (the file says use_scaled_rope, not the factor 8).
+LLAMA_3_1_8B_PARAMS = {
+    "dim": 4096,
+    "n_layers": 32,
+    "n_heads": 32,
+    "n_kv_heads": 8,
+    "vocab_size": 128256,
+    "ffn_dim_multiplier": 1.3,
+    "multiple_of": 1024,
+    "norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "use_scaled_rope": True,
+}
+
+
+def test_meta_config_of_llama_3_1_needs_its_factor():
+    with pytest.raises(ConfigError, match="8 for Llama 3.1, 32 for Llama 3.2"):
+        meta_module.meta_config(LLAMA_3_1_8B_PARAMS, tie_word_embeddings=False)
+    config = meta_module.meta_config(LLAMA_3_1_8B_PARAMS, tie_word_embeddings=False, rope_scaling_factor=8)
+    assert config.rope_scaling == RopeScaling(factor=8.0)
+    assert (config.intermediate_size, config.head_dim, config.num_key_value_heads) == (14336, 128, 8)
+    hf = dataclasses.replace(config, bos_token_id=128000, eos_token_id=(128001, 128008, 128009))
+    from_hf = meta_module.meta_config(LLAMA_3_1_8B_PARAMS, tie_word_embeddings=False, hf_config=hf)
+    assert from_hf == hf
+
+
+def test_from_meta_requires_the_rope_factor(meta_dirs, meta_like_dir, reference):
+    """params.json says only use_scaled_rope: with no factor given, from_meta refuses to guess."""
+    directory = meta_dirs["meta_like"]  # Llama 3.1-like: llama3 RoPE with factor 8
+    with pytest.raises(ConfigError, match="no RoPE scaling factor") as error:
+        llama_jax.convert.from_meta(directory, dtype=jnp.float32, progress=False)
+    print(error.value)
+    assert "\n" not in str(error.value)
+
+    # Given as an argument, or read from the model's Hugging Face config: the same, right model.
+    expected = reference("meta_like")[1]
+    by_argument = llama_jax.convert.from_meta(
+        directory, dtype=jnp.float32, rope_scaling_factor=8, progress=False
+    )
+    by_config = llama_jax.convert.from_meta(
+        directory, dtype=jnp.float32, hf_config=meta_like_dir, progress=False
+    )
+    assert by_argument.config.rope_scaling == by_config.config.rope_scaling == RopeScaling(factor=8.0)
+    assert max_diff(ours(by_argument), expected) <= TOL
+    assert np.array_equal(ours(by_config), ours(by_argument))
+    hf_config = llama_jax.LlamaConfig.from_hf(meta_like_dir)
+    assert by_config.config.max_position_embeddings == hf_config.max_position_embeddings
+    assert by_config.config.eos_token_id == hf_config.eos_token_id
+
+    # Llama 3.2's factor on a 3.1-like model loads without complaint and is wrong: why there is no default.
+    wrong = llama_jax.convert.from_meta(directory, dtype=jnp.float32, rope_scaling_factor=32, progress=False)
+    diff = max_diff(ours(wrong), expected)
     print(f"factor 32 instead of 8: max |diff| = {diff:.2e}")
     assert diff > 10 * TOL  # the low frequencies barely turn in 300 positions, yet it shows
+
+
+def test_from_meta_refuses_a_hf_config_of_another_model(meta_dirs, meta_like_dir):
+    directory = meta_dirs["meta_like"]
+    with pytest.raises(ConfigError, match="contradicts the Hugging Face config's factor 8.0"):
+        llama_jax.convert.from_meta(
+            directory, rope_scaling_factor=32, hf_config=meta_like_dir, progress=False
+        )
+    other = llama_jax.LlamaConfig.from_hf(meta_like_dir)
+    for field, value in [("num_hidden_layers", 3), ("rope_theta", 10000.0), ("vocab_size", 128)]:
+        with pytest.raises(ConfigError, match=f"{field}=") as error:
+            llama_jax.convert.from_meta(
+                directory, hf_config=dataclasses.replace(other, **{field: value}), progress=False
+            )
+        print(error.value)
+    plain = dataclasses.replace(other, rope_scaling=None)
+    with pytest.raises(ConfigError, match="scaled RoPE=True"):
+        llama_jax.convert.from_meta(directory, hf_config=plain, progress=False)
+    odd = dataclasses.replace(other, rope_scaling=RopeScaling(factor=8.0, high_freq_factor=2.0))
+    with pytest.raises(ConfigError, match="Meta's fixed values"):
+        llama_jax.convert.from_meta(directory, hf_config=odd, progress=False)
 
 
 def test_meta_qk_permutation(meta_dirs, reference, monkeypatch):

@@ -1,5 +1,7 @@
 """Fast generation: the jitted, cached path against the full-recompute loop and transformers' generate."""
 
+import importlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,7 +9,9 @@ import torch
 from conftest import torch_model
 
 import llama_jax
-from llama_jax.generate import _generate_program
+from llama_jax.generate import _decode, _prefill, prompt_bucket
+
+generate_module = importlib.import_module("llama_jax.generate")  # llama_jax.generate is the function
 
 CASES = ["llama32_tied", "untied", "smollm2"]
 
@@ -116,11 +120,26 @@ def test_sample_next_filters():
 
 def test_one_compile_per_bucket(models):
     _, model = models("llama32_tied")
-    llama_jax.generate(model, np.arange(3, 13)[None], max_new_tokens=8)
-    before = _generate_program._cache_size()
-    llama_jax.generate(model, np.arange(3, 30)[None], max_new_tokens=8)  # same prompt bucket
-    llama_jax.generate(model, np.arange(3, 20)[None], max_new_tokens=20)  # same cache bucket
-    assert _generate_program._cache_size() == before
+    llama_jax.generate(model, np.arange(3, 20)[None], max_new_tokens=8)  # 17 tokens: the 32 bucket
+    before = _prefill._cache_size(), _decode._cache_size()
+    llama_jax.generate(model, np.arange(3, 33)[None], max_new_tokens=8)  # same prompt bucket
+    llama_jax.generate(model, np.arange(3, 25)[None], max_new_tokens=20)  # same cache bucket
+    assert (_prefill._cache_size(), _decode._cache_size()) == before
+
+
+@pytest.mark.parametrize("length, bucket", [(1, 16), (5, 16), (16, 16), (17, 32), (64, 64), (65, 128)])
+def test_prompt_buckets_are_powers_of_two_from_16(length, bucket):
+    assert prompt_bucket(length) == bucket
+
+
+def test_outputs_do_not_depend_on_the_bucket(models, monkeypatch):
+    """The same prompts padded to 16 positions and to 64 (the old fixed bucket) give the same tokens."""
+    directory, model = models("smollm2")
+    ids, mask = llama_jax.left_pad(prompts_for("smollm2", directory, model.config.vocab_size))
+    small = llama_jax.generate(model, ids, mask, max_new_tokens=12)
+    monkeypatch.setattr(generate_module, "prompt_bucket", lambda length: 64)
+    np.testing.assert_array_equal(llama_jax.generate(model, ids, mask, max_new_tokens=12), small)
+    assert ids.shape[1] <= 16  # so the first call did use the 16 bucket
 
 
 def test_callback_streams_every_token(models):

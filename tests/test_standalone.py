@@ -122,7 +122,9 @@ def test_the_package_alone_in_a_fresh_venv(dist, tmp_path):
         [python, "-m", "llama_jax", "generate", "The capital of France is", "--max-new-tokens", "8"], env=env
     )
     assert "Paris" in answer.stdout
-    assert os.listdir(tmp_path / "cache") == ["SmolLM2-135M-Instruct"]  # built here, torch-free
+    # the checkpoint, built here without torch, and the CLI's compiled programs
+    assert sorted(os.listdir(tmp_path / "cache")) == ["SmolLM2-135M-Instruct", "xla"]
+    assert os.listdir(tmp_path / "cache" / "xla"), "the CLI cached no compiled program"
     version = run([venv / "bin" / "llama-jax", "--version"], env=env).stdout.strip()
     assert version == f"llama_jax {llama_jax.__version__}"
     versions = run(

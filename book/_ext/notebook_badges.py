@@ -1,7 +1,10 @@
-"""Sphinx extension: put "Open in Colab" and "Open in Kaggle" badges under the title of every chapter.
+"""Sphinx extension: check the "Open in Colab" and "Open in Kaggle" badges under every chapter's title.
 
-Jupyter Book 1.x gives no Colab launch link for pages built from MyST markdown, so the badges are
-added here, from the repository URL and branch in ``_config.yml`` (the one place that names them).
+Jupyter Book 1.x gives no Colab launch link for pages built from MyST markdown, so every chapter's
+source (its ``.md``, hence its ``.ipynb``, which Colab and Kaggle open) carries the badges on the line
+under its title. This extension adds nothing: it builds the expected line from the repository URL and
+branch in ``_config.yml`` (the one place that names them) and warns, which fails a ``-W`` build, when a
+chapter's line is missing or different.
 """
 
 from __future__ import annotations
@@ -27,14 +30,25 @@ def badges(repository_url: str, branch: str, docname: str) -> str:
     )
 
 
-def _add_badges(app, docname, source):
+def badges_under_title(source: str, line: str) -> bool:
+    """Whether ``line`` is the first non-blank line after the ``# title`` of the MyST ``source``."""
+    title = TITLE.search(source)
+    return title is not None and source[title.end() :].lstrip("\n").split("\n", 1)[0] == line
+
+
+def _check_badges(app, docname, source):
     if not CHAPTER.match(docname):
         return
     options = app.config.html_theme_options
     line = badges(options["repository_url"], options.get("repository_branch", "main"), docname)
-    source[0] = TITLE.sub(lambda title: f"{title.group(0)}\n\n{line}\n", source[0], count=1)
+    if not badges_under_title(source[0], line):
+        from sphinx.util import logging
+
+        logging.getLogger(__name__).warning(
+            f"{docname}: the line under the title must be the badges {line}", location=docname
+        )
 
 
 def setup(app):
-    app.connect("source-read", _add_badges)
+    app.connect("source-read", _check_badges)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -3,7 +3,14 @@
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it from here)
 
 from . import convert, lora, sharding, train
-from .checkpoints import default_checkpoint, load_tokenizer, resolve_checkpoint, selected_checkpoint
+from .chat import ChatSession
+from .checkpoints import (
+    default_checkpoint,
+    enable_compilation_cache,
+    load_tokenizer,
+    resolve_checkpoint,
+    selected_checkpoint,
+)
 from .config import LLAMA_3_2_1B, ConfigError, LlamaConfig, RopeScaling
 from .generate import Sampling, encode_prompts, generate, generate_naive, generate_text, left_pad
 from .lora import AdapterError, add_lora, load_adapter, merge_lora, save_adapter
@@ -16,6 +23,7 @@ __all__ = [
     "LLAMA_3_2_1B",
     "TENSOR_PARALLEL",
     "AdapterError",
+    "ChatSession",
     "CheckpointError",
     "ConfigError",
     "KVCache",
@@ -26,6 +34,7 @@ __all__ = [
     "add_lora",
     "convert",
     "default_checkpoint",
+    "enable_compilation_cache",
     "encode_prompts",
     "from_pretrained",
     "generate",

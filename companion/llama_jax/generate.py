@@ -1,11 +1,15 @@
 """Text generation: a jitted prefill and a jitted decode loop over a preallocated KV cache.
 
-One call of ``generate`` runs one compiled XLA program: the prefill writes the whole (left-padded)
-prompt into the cache and samples the first new token, then a ``jax.lax.while_loop`` feeds each new
-token back, one cache slot at a time, until every row has hit EOS or the budget is spent. Shapes are
-padded to buckets (prompt length to a multiple of ``PROMPT_BUCKET``, cache length to a multiple of
-``CACHE_BUCKET``), so the program compiles once per (batch, prompt bucket, cache bucket, sampling
-mode) and is reused by every later call that falls in the same buckets.
+``generate`` runs two compiled XLA programs: ``_prefill`` writes the whole (left-padded) prompt into
+the cache and samples the first new token, then ``_decode`` runs a ``jax.lax.while_loop`` that feeds
+each new token back, one cache slot at a time, until every row has hit EOS or the budget is spent.
+When streaming, the host calls ``_decode`` for a few steps at a time and hands the tokens on between
+calls: no host callback inside the program, so both programs can be kept in JAX's persistent
+compilation cache (``llama_jax.enable_compilation_cache()``). Shapes are padded to buckets (prompt
+length to a power of two from 16, cache length to a multiple of ``CACHE_BUCKET``), so the programs
+compile once per (batch, prompt bucket, cache bucket, sampling mode) and are reused by every later call
+that falls in the same buckets. ``llama_jax.ChatSession`` calls the same two programs on a cache it
+keeps from turn to turn.
 
 ``generate_naive`` is the slow loop that rereads everything: one full forward pass per new token.
 It is the baseline the book and the benchmark compare against, and the tests check that both give
@@ -28,12 +32,19 @@ from jax.sharding import PartitionSpec as P
 from .model import KVCache, LlamaForCausalLM
 from .sharding import kv_cache_sharding, mesh_of, split_rows
 
-PROMPT_BUCKET = 64
+MIN_PROMPT_BUCKET = 16
 CACHE_BUCKET = 128
+STREAM_STEPS = 4  # decode steps per compiled call when streaming: the host hands on tokens between calls
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def prompt_bucket(length: int) -> int:
+    """The padded length a prompt of ``length`` tokens is prefilled at: a power of two, at least 16, so a
+    short prompt pays for few extra positions and the program compiles for few distinct lengths."""
+    return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -89,71 +100,115 @@ def sample_next(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Ar
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-# ------------------------------------------------------------------------------- the fast program
+# ----------------------------------------------------------------------------- the fast programs
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampling", "stream", "mesh"))
-def _generate_program(
-    graphdef,
-    state,
-    input_ids,
-    prompt_mask,
-    max_new_tokens,
-    key,
-    eos_ids,
-    pad_id,
-    *,
-    cache_len: int,
-    sampling: Sampling,
-    stream: bool,
-    mesh: Mesh | None,
-):
-    """Prefill + decode loop, compiled as one program. Returns new tokens [B, cache_len - P].
-
-    On a ``mesh`` (a sharded model), the KV cache is laid out like the model (``kv_cache_sharding``)
-    and the new tokens come back replicated, so that every process can read them."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mesh"), donate_argnames=("cache",))
+def _prefill(graphdef, state, cache, input_ids, kv_mask, start, key, eos_ids, *, sampling, mesh):
+    """Writes ``input_ids`` [B, T] into cache slots ``start .. start + T - 1`` (``kv_mask`` [B, S] already
+    marks the real ones) and samples the first new token. Returns (token [B], done [B], cache)."""
     model = nnx.merge(graphdef, state)
-    batch, prompt_len = input_ids.shape
-    budget = cache_len - prompt_len
-    dtype = model.model.embed_tokens.embedding.get_value().dtype
-    cache = KVCache.zeros(model.config, batch, cache_len, dtype)
-    if mesh is not None:
-        cache_sharding = kv_cache_sharding(model.config, mesh)
-        cache = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, cache_sharding), cache)
-    kv_mask = jnp.zeros((batch, cache_len), bool).at[:, :prompt_len].set(prompt_mask.astype(bool))
+    hidden, cache = model.model(input_ids, kv_mask, cache, start)
+    # only the last position's logits are needed
+    token = sample_next(model.logits(hidden[:, -1]), jax.random.fold_in(key, 0), sampling)
+    return _replicated(mesh, token), _replicated(mesh, jnp.isin(token, eos_ids)), cache
 
-    def emit(step, token, done):
-        token = jnp.where(done, pad_id, token)
-        if stream and mesh is None:
-            jax.debug.callback(_stream_step, step, token, ordered=True)
-        elif stream:  # XLA orders effects on one device only: _InStepOrder restores the order
-            whole = jax.lax.with_sharding_constraint(token, NamedSharding(mesh, P()))
-            jax.debug.callback(_stream_step, step, whole, ordered=False)
-        return token, done | jnp.isin(token, eos_ids)
 
-    # Prefill: the whole prompt in one pass; only the last position's logits are needed.
-    hidden, cache = model.model(input_ids, kv_mask, cache, 0)
-    logits = model.logits(hidden[:, -1])
-    token, done = emit(0, sample_next(logits, jax.random.fold_in(key, 0), sampling), jnp.zeros(batch, bool))
-    out = jnp.full((batch, budget), pad_id, jnp.int32).at[:, 0].set(token)
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "sampling", "steps", "mesh"), donate_argnames=("carry",)
+)
+def _decode(graphdef, state, carry, max_new_tokens, key, eos_ids, pad_id, *, sampling, steps, mesh):
+    """Up to ``steps`` decode steps in a ``while_loop``. ``carry`` is (cache, kv_mask [B, S], token [B],
+    done [B], step, slot): feed ``token`` into cache slot ``slot``, sample the next one, repeat, until
+    ``max_new_tokens`` tokens exist (``step`` counts them) or every row is done; a row that is done gets
+    ``pad_id``. Returns the new tokens [B, steps] (pad past the last step run) and the next carry."""
+    model = nnx.merge(graphdef, state)
+    batch = carry[2].shape[0]
 
-    def keep_going(carry):
-        step, _, _, _, done, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
+    def keep_going(loop):
+        i, (_, _, _, done, step, _), _ = loop
+        return (i < steps) & (step < max_new_tokens) & ~jnp.all(done)
 
-    def decode_one(carry):
-        step, token, cache, kv_mask, done, out = carry
-        slot = prompt_len + step - 1  # the slot of the token we feed now
+    def decode_one(loop):
+        i, (cache, kv_mask, token, done, step, slot), out = loop
         kv_mask = jax.lax.dynamic_update_slice_in_dim(kv_mask, jnp.ones((batch, 1), bool), slot, axis=1)
         hidden, cache = model.model(token[:, None], kv_mask, cache, slot)
-        logits = model.logits(hidden[:, 0])
-        token, done = emit(step, sample_next(logits, jax.random.fold_in(key, step), sampling), done)
-        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
-        return step + 1, token, cache, kv_mask, done, out
+        token = sample_next(model.logits(hidden[:, 0]), jax.random.fold_in(key, step), sampling)
+        token = jnp.where(done, pad_id, token)
+        done = done | jnp.isin(token, eos_ids)
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
+        return i + 1, (cache, kv_mask, token, done, step + 1, slot + 1), out
 
-    carry = (jnp.int32(1), token, cache, kv_mask, done, out)
-    out = jax.lax.while_loop(keep_going, decode_one, carry)[-1]
-    return out if mesh is None else jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P()))
+    out = jnp.full((batch, steps), pad_id, jnp.int32)
+    _, (cache, kv_mask, token, done, step, slot), out = jax.lax.while_loop(
+        keep_going, decode_one, (jnp.int32(0), carry, out)
+    )
+    token, done, out = (_replicated(mesh, a) for a in (token, done, out))
+    return out, (cache, kv_mask, token, done, step, slot)
+
+
+def _replicated(mesh: Mesh | None, x: jax.Array) -> jax.Array:
+    """On a mesh, every device (and so every process) gets the whole array, so each can read it."""
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A (replicated) result as numpy: this process's first copy is the whole array (copied, as the
+    device buffer may be donated to the next call)."""
+    return np.array(x.addressable_data(0))
+
+
+def empty_cache(model: LlamaForCausalLM, batch: int, length: int) -> KVCache:
+    """A zeroed KV cache of ``length`` slots for ``batch`` rows, laid out like the model on its mesh."""
+    dtype = model.model.embed_tokens.embedding.get_value().dtype
+    cache = KVCache.zeros(model.config, batch, length, dtype)
+    mesh = mesh_of(nnx.state(model))
+    return cache if mesh is None else jax.device_put(cache, kv_cache_sharding(model.config, mesh))
+
+
+def _decode_all(
+    graphdef,
+    state,
+    carry,
+    max_new_tokens,
+    key,
+    eos,
+    pad_id,
+    *,
+    sampling,
+    steps,
+    mesh,
+    callback=None,
+    stop=None,
+):
+    """The host loop around ``_decode``, from the carry ``_prefill`` leaves (its first token at step 0):
+    calls of ``steps`` steps until ``max_new_tokens`` tokens exist, every row is done, or ``stop()``
+    says so, handing each step's tokens [B] to ``callback(step, tokens)`` between calls (streaming).
+    Returns (tokens [B, n], the last carry)."""
+    tokens = [_host(carry[2])[:, None]]
+    if callback is not None:
+        callback(0, tokens[0][:, 0])
+    step, done = 1, _host(carry[3])
+    while step < max_new_tokens and not done.all() and not (stop is not None and stop()):
+        out, carry = _decode(
+            graphdef,
+            state,
+            carry,
+            max_new_tokens,
+            key,
+            eos,
+            pad_id,
+            sampling=sampling,
+            steps=steps,
+            mesh=mesh,
+        )
+        ran = int(_host(carry[4])) - step
+        block = _host(out)[:, :ran]
+        for i in range(ran if callback is not None else 0):
+            callback(step + i, block[:, i])
+        tokens.append(block)
+        step, done = step + ran, _host(carry[3])
+    return np.concatenate(tokens, axis=1), carry
 
 
 def _check_inputs(model: LlamaForCausalLM, input_ids, attention_mask, max_new_tokens: int):
@@ -222,7 +277,8 @@ def generate(
     (``eos_token_id``, default: the config's; pass ``()`` to never stop) and the rest of the row is
     filled with the pad id (the config's ``pad_token_id``, else the first EOS id). Greedy unless
     ``temperature > 0``; sampling is reproducible for a given ``seed``. ``callback(step, tokens)`` is
-    called with each step's tokens ``[batch]`` as they are produced (for streaming).
+    called with each step's tokens ``[batch]``, in order, as they are produced (for streaming: the
+    decode program then runs ``STREAM_STEPS`` steps per call and the host hands them on between calls).
 
     A model loaded with a mesh (``from_pretrained(..., mesh=...)``) generates on that mesh: the batch is
     split over its ``"batch"`` axis (padded up to a multiple of it with copies of the first row, which are
@@ -234,61 +290,51 @@ def generate(
     eos = _eos_ids(model, eos_token_id)
     pad_id = _pad_id(model, eos)
     batch, prompt_len = ids.shape
-    bucket = _round_up(prompt_len, PROMPT_BUCKET)  # extra left padding changes nothing (masked)
+    bucket = prompt_bucket(prompt_len)  # extra left padding changes nothing (masked)
     ids = np.pad(ids, ((0, 0), (bucket - prompt_len, 0)), constant_values=pad_id)
     mask = np.pad(mask, ((0, 0), (bucket - prompt_len, 0)))
     cache_len = _round_up(bucket + max_new_tokens, CACHE_BUCKET)
+    kv_mask = np.pad(mask, ((0, 0), (0, cache_len - bucket))).astype(bool)
     graphdef, state = nnx.split(model)
     mesh = mesh_of(state)
+    rows = batch
     if mesh is not None:  # pad the batch to a multiple of the "batch" axis, then split it over that axis
         extra = _round_up(batch, mesh.shape["batch"]) - batch
-        ids, mask = split_rows(
-            mesh, *(np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) for a in (ids, mask))
+        rows = batch + extra
+        ids, kv_mask = split_rows(
+            mesh, *(np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) for a in (ids, kv_mask))
         )
-    global _active_callback
-    _active_callback = None if callback is None else _InStepOrder(callback)
-    try:
-        tokens = _generate_program(
-            graphdef,
-            state,
-            jnp.asarray(ids),
-            jnp.asarray(mask),
-            jnp.int32(max_new_tokens),
-            jax.random.key(seed),
-            jnp.asarray(eos or (-1,), jnp.int32),
-            jnp.int32(pad_id),
-            cache_len=cache_len,
-            sampling=sampling,
-            stream=callback is not None,
-            mesh=mesh,
-        )
-        # replicated on a mesh: this process's first copy is the whole array
-        return np.asarray(tokens.addressable_data(0))[:batch, :max_new_tokens]
-    finally:
-        _active_callback = None
-
-
-# The compiled program calls this module-level function at every step when streaming is on; it
-# forwards to the current call's callback, so one compiled program serves every callback.
-_active_callback: Callable[[int, np.ndarray], None] | None = None
-
-
-def _stream_step(step, tokens):
-    if _active_callback is not None:
-        _active_callback(int(step), np.asarray(tokens))
-
-
-class _InStepOrder:
-    """Passes (step, tokens) on to ``callback`` in step order, holding back any that arrive early."""
-
-    def __init__(self, callback):
-        self.callback, self.next_step, self.early = callback, 0, {}
-
-    def __call__(self, step, tokens):
-        self.early[step] = tokens
-        while self.next_step in self.early:
-            self.callback(self.next_step, self.early.pop(self.next_step))
-            self.next_step += 1
+    key = jax.random.key(seed)
+    eos_array = jnp.asarray(eos or (-1,), jnp.int32)
+    token, done, cache = _prefill(
+        graphdef,
+        state,
+        empty_cache(model, rows, cache_len),
+        jnp.asarray(ids),
+        jnp.asarray(kv_mask),
+        jnp.int32(0),
+        key,
+        eos_array,
+        sampling=sampling,
+        mesh=mesh,
+    )
+    carry = (cache, jnp.asarray(kv_mask), token, done, jnp.int32(1), jnp.int32(bucket))
+    tokens, _ = _decode_all(
+        graphdef,
+        state,
+        carry,
+        max_new_tokens,
+        key,
+        eos_array,
+        pad_id,
+        sampling=sampling,
+        steps=STREAM_STEPS if callback is not None else cache_len - bucket,
+        mesh=mesh,
+        callback=callback,
+    )
+    out = np.full((batch, max_new_tokens), pad_id, np.int32)
+    out[:, : tokens.shape[1]] = tokens[:batch]
+    return out
 
 
 # ------------------------------------------------------------------------------- the slow baseline
@@ -373,9 +419,7 @@ def generate_text(
     if stream is not None and len(batch) != 1:
         raise ValueError("stream works with one prompt at a time")
     ids, mask = encode_prompts(tokenizer, batch, chat=chat)
-    eos = _eos_ids(model, sampling.pop("eos_token_id", None))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos = (*eos, tokenizer.eos_token_id)  # instruct models end their turn with their own token
+    eos = _text_eos(model, tokenizer, sampling.pop("eos_token_id", None))
     callback = None
     if stream is not None:
         callback = _TextStreamer(tokenizer, eos, stream)
@@ -384,6 +428,15 @@ def generate_text(
     )
     texts = [tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True) for row in tokens]
     return texts[0] if single else texts
+
+
+def _text_eos(model: LlamaForCausalLM, tokenizer, eos_token_id=None) -> tuple[int, ...]:
+    """The model's EOS ids (or ``eos_token_id``) plus the tokenizer's: instruct models end their turn
+    with their own token."""
+    eos = _eos_ids(model, eos_token_id)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos = (*eos, tokenizer.eos_token_id)
+    return eos
 
 
 def _until_eos(row: np.ndarray, eos: tuple[int, ...]) -> list[int]:

@@ -2,7 +2,7 @@
 
 ``add_lora(model, rank, alpha)`` swaps each targeted ``nnx.Linear`` (``q_proj``, ..., ``down_proj``) for a
 ``LoRALinear`` that keeps the same ``kernel`` Param at the same path, so Hugging Face names still map to
-it, and adds ``lora_a`` (in, rank) and ``lora_b`` (rank, out) as ``nnx.LoRAParam``s:
+it, and adds ``lora_a`` (in, rank) and ``lora_b`` (rank, out) as ``nnx.LoRAParam`` parameters:
 
     y = x @ kernel + (x @ lora_a @ lora_b) * alpha / rank
 

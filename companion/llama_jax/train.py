@@ -4,7 +4,7 @@ The loss is next-token cross-entropy in float32, averaged over the tokens that `
 targets (the answer, not the prompt), exactly what transformers computes from ``labels`` with -100 on
 the prompt. Batches may be left- or right-padded; ``attention_mask`` says which tokens are real.
 
-Only ``nnx.LoRAParam``s get gradients and optimizer state (``nnx.DiffState(0, nnx.LoRAParam)``,
+Only ``nnx.LoRAParam`` parameters get gradients and optimizer state (``nnx.DiffState(0, nnx.LoRAParam)``,
 ``nnx.Optimizer(..., wrt=nnx.LoRAParam)``): the base weights stay frozen, in whatever dtype they were
 loaded (bfloat16 on a GPU), while the adapters train in float32. On a sharded model (chapter 10) the batch
 is split over the mesh's ``"batch"`` axis and XLA does the rest.

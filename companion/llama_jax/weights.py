@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 
@@ -41,9 +42,26 @@ def hf_name(path: tuple) -> str:
     return ".".join(str(step) for step in path[:-1]) + ".weight"
 
 
+class _OneKey:
+    """Stands in for ``nnx.Rngs`` while only shapes are traced: every initializer gets the same key.
+
+    With a real ``nnx.Rngs``, each of the ~200 draws updates a traced counter, and JAX scans the whole
+    trace so far at every update (building an error message it then drops): seconds for 30 layers."""
+
+    def params(self) -> jax.Array:
+        return jax.random.key(0)
+
+
 def _abstract_model(config: LlamaConfig, dtype) -> LlamaForCausalLM:
     """The model's structure and parameter shapes, with no memory allocated for the parameters."""
-    return nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = _abstract_split(config, jnp.dtype(dtype))
+    return nnx.merge(graphdef, state)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_split(config: LlamaConfig, dtype: jnp.dtype):
+    """(graphdef, abstract state) of the model, built once per (config, dtype) and process."""
+    return nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=_OneKey())))
 
 
 def expected_tensors(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -60,7 +78,7 @@ def parameter_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 def _parameters(config: LlamaConfig) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
     """(Hugging Face name, parameter shape, is a kernel) of every parameter. Cached: building even an
     abstract model takes seconds for a 30-layer config."""
-    _, state = nnx.split(_abstract_model(config, jnp.float32))
+    _, state = _abstract_split(config, jnp.dtype(jnp.float32))
     return tuple(
         (hf_name(path), tuple(variable.get_value().shape), path[-1] == "kernel")
         for path, variable in nnx.to_flat_state(state)
@@ -106,7 +124,7 @@ def model_from_tensors(
     *,
     dtype=jnp.bfloat16,
     source: str = "checkpoint",
-    progress: bool = True,
+    progress: bool | None = None,
     mesh: Mesh | None = None,
     rules: Rules = TENSOR_PARALLEL,
     read_slice: Callable[[str, tuple[slice, ...]], np.ndarray] | None = None,
@@ -119,16 +137,23 @@ def model_from_tensors(
     when given, reads just that block of a tensor (in Hugging Face's layout) instead of all of it.
     """
     check_tensors(config, shapes, source)
-    graphdef, state = nnx.split(_abstract_model(config, dtype))
+    dtype = jnp.dtype(dtype)
+    graphdef, state = _abstract_split(config, dtype)
     specs = None if mesh is None else partition_specs(config, parameter_shapes(config), mesh, rules)
     filled = []
+    if progress is None:  # a bar on a terminal only: a log file would get a stream of carriage returns
+        progress = sys.stderr.isatty()
     for path, variable in tqdm(
         nnx.to_flat_state(state), desc="loading weights", disable=not progress, leave=False
     ):
         name, kernel = hf_name(path), path[-1] == "kernel"
         if specs is None:
-            tensor = jnp.asarray(read(name), dtype=dtype)
-            value = tensor.T if kernel else tensor
+            tensor = read(name)
+            if isinstance(tensor, np.ndarray):  # one copy: transposed and converted on the way in
+                value = jax.device_put((tensor.T if kernel else tensor).astype(dtype, copy=False))
+            else:
+                tensor = jnp.asarray(tensor, dtype=dtype)
+                value = tensor.T if kernel else tensor
         else:
             if read_slice is None:
                 whole = np.asarray(read(name))
@@ -167,7 +192,7 @@ def hf_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
 
 
 def safetensors_files(directory: str) -> list[str]:
-    """The checkpoint's weight files: those named by model.safetensors.index.json, else every *.safetensors."""
+    """The checkpoint's weight files: those named by model.safetensors.index.json, else every ``*.safetensors``."""
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
@@ -190,7 +215,7 @@ def load_safetensors(
     config: LlamaConfig,
     *,
     dtype=jnp.bfloat16,
-    progress=True,
+    progress: bool | None = None,
     mesh: Mesh | None = None,
     rules: Rules = TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:
@@ -201,7 +226,7 @@ def load_safetensors(
     handles, shapes = {}, {}
     for path in safetensors_files(directory):
         try:
-            handle = safe_open(path, framework="flax" if mesh is None else "numpy")
+            handle = safe_open(path, framework="numpy")
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"cannot read {path}: {e}") from None
         for name in handle.keys():
@@ -226,7 +251,7 @@ def from_pretrained(
     path_or_repo_id: str | os.PathLike,
     dtype=jnp.bfloat16,
     *,
-    progress: bool = True,
+    progress: bool | None = None,
     mesh: Mesh | None = None,
     rules: Rules = TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:
@@ -348,3 +373,38 @@ def save_pretrained(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return target
+
+
+def read_tensor(checkpoint: str | os.PathLike, name: str) -> np.ndarray:
+    """One tensor of a Hugging Face checkpoint directory by its name, as the file stores it: numpy, in
+    PyTorch's layout and the file's dtype (bfloat16 as ``ml_dtypes.bfloat16``). Chapter 2's ``read``.
+
+    The file that holds it is the one ``model.safetensors.index.json`` names, when there is an index,
+    else the first ``*.safetensors`` file whose header lists it; only that tensor's bytes are read.
+    A missing directory, file or tensor raises a one-line ``CheckpointError``."""
+    from safetensors import safe_open
+
+    directory = os.fspath(checkpoint)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"cannot read tensor {name}: no checkpoint directory {directory}")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+        files = [weight_map[name]] if name in weight_map else []
+    else:
+        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    for file in files:
+        path = os.path.join(directory, file)
+        if not os.path.exists(path):
+            raise CheckpointError(f"cannot read tensor {name}: {index} names {file}, which is not there")
+        try:
+            with safe_open(path, framework="numpy") as f:
+                if name in f.keys():
+                    return f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"cannot read tensor {name} from {path}: {e}") from None
+    raise CheckpointError(f"no tensor {name} in {directory}")

@@ -7,9 +7,9 @@ clear error whatever the format.
 
 * ``from_keras_hub``: a Keras Hub ``Llama3CausalLM`` or ``Llama3Backbone`` (chapter 8), and
   ``keras_backbone_kwargs``, the arguments that make keras-hub's importer read a checkpoint right;
-* ``from_meta`` / ``to_meta``: Meta's original ``consolidated.00.pth`` + ``params.json`` (chapter 9);
-* ``from_gguf``: a llama.cpp GGUF file, quantized or not (chapter 9), and ``tokenizer_from_gguf``, its tokenizer;
-* ``from_torch_state_dict``: a transformers ``LlamaForCausalLM.state_dict()`` in memory (chapter 9).
+* ``from_meta`` / ``to_meta``: Meta's original ``consolidated.00.pth`` + ``params.json`` (chapter 9a);
+* ``from_gguf``: a llama.cpp GGUF file, quantized or not (chapter 9b), and ``tokenizer_from_gguf``, its tokenizer;
+* ``from_torch_state_dict``: a transformers ``LlamaForCausalLM.state_dict()`` in memory (chapter 9a).
 
 Like ``from_pretrained``, each ``from_*`` takes ``mesh=`` and ``rules=`` (``llama_jax.sharding``): every
 tensor then goes straight into its shards. ``llama_jax.save_pretrained`` writes any of them back as a

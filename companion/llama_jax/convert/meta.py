@@ -11,12 +11,14 @@ Two things differ from Hugging Face's format besides the names:
 * **The config.** ``params.json`` has no ``intermediate_size``: Meta computes it from ``dim``,
   ``ffn_dim_multiplier`` and ``multiple_of``. It says ``use_scaled_rope: true`` for Llama 3.1/3.2 but not
   the scaling factor, which Meta's code takes from the model family (8 for Llama 3.1, 32 for 3.2).
+  ``from_meta`` does not guess it: the caller passes it, or the model's Hugging Face config.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 
 import jax.numpy as jnp
@@ -135,24 +137,85 @@ def _read_params(directory: str) -> dict:
     return params
 
 
+def _check_hf_config(params: dict, hf_config: LlamaConfig, source: str) -> None:
+    """Raise a ConfigError when ``hf_config`` does not describe the model of ``params``."""
+    dim, heads = params["dim"], params["n_heads"]
+    expected = {
+        "hidden_size": dim,
+        "num_hidden_layers": params["n_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": params.get("n_kv_heads") or heads,
+        "head_dim": dim // heads,
+        "vocab_size": params["vocab_size"],
+        "rope_theta": float(params.get("rope_theta", 500000.0)),
+        "scaled RoPE": bool(params.get("use_scaled_rope")),
+    }
+    for field, value in expected.items():
+        theirs = hf_config.rope_scaling is not None if field == "scaled RoPE" else getattr(hf_config, field)
+        if theirs != value:
+            raise ConfigError(
+                f"{source} has {field}={value} but the Hugging Face config has {theirs}: not the same model"
+            )
+    eps = float(params.get("norm_eps", 1e-5))
+    if not math.isclose(eps, hf_config.rms_norm_eps, rel_tol=1e-6):
+        raise ConfigError(
+            f"{source} has norm_eps={eps} but the Hugging Face config has rms_norm_eps={hf_config.rms_norm_eps}"
+        )
+    if hf_config.rope_scaling is not None:
+        theirs = {k: getattr(hf_config.rope_scaling, k) for k in _META_ROPE}
+        if theirs != _META_ROPE:
+            raise ConfigError(
+                f"the Hugging Face config's llama3 RoPE {theirs} differs from Meta's fixed values {_META_ROPE}"
+            )
+
+
 def meta_config(
     params: dict,
     *,
     tie_word_embeddings: bool,
     rope_scaling_factor: float | None = None,
+    hf_config: LlamaConfig | None = None,
     source: str = "params.json",
 ) -> LlamaConfig:
-    """A LlamaConfig from Meta's ``params.json`` fields (see ``from_meta`` for what the file leaves out)."""
+    """A LlamaConfig from Meta's ``params.json`` fields (see ``from_meta`` for what the file leaves out).
+
+    The llama3 RoPE factor is not in ``params.json``: it comes from ``rope_scaling_factor`` or from
+    ``hf_config`` (checked against ``params`` first), else a ConfigError is raised.
+    """
     dim, heads = params["dim"], params["n_heads"]
+    if hf_config is not None:
+        _check_hf_config(params, hf_config, source)
     if params.get("use_scaled_rope"):
-        factor = 32.0 if rope_scaling_factor is None else float(rope_scaling_factor)
-        scaling = RopeScaling(factor=factor, **_META_ROPE)
+        factor = rope_scaling_factor
+        if hf_config is not None:
+            if factor is not None and float(factor) != hf_config.rope_scaling.factor:
+                raise ConfigError(
+                    f"rope_scaling_factor={factor} contradicts the Hugging Face config's factor "
+                    f"{hf_config.rope_scaling.factor}"
+                )
+            factor = hf_config.rope_scaling.factor
+        if factor is None:
+            raise ConfigError(
+                f"{source}: use_scaled_rope is set but params.json has no RoPE scaling factor (8 for Llama "
+                "3.1, 32 for Llama 3.2): pass rope_scaling_factor= or hf_config= (the model's config.json)"
+            )
+        scaling = RopeScaling(factor=float(factor), **_META_ROPE)
     elif rope_scaling_factor is not None:
         raise ConfigError(
             f"{source}: rope_scaling_factor={rope_scaling_factor} given, but use_scaled_rope is not set"
         )
     else:
         scaling = None
+    if hf_config is not None:  # it also knows the special tokens and the context length
+        max_positions = hf_config.max_position_embeddings
+        tokens = dict(
+            bos_token_id=hf_config.bos_token_id,
+            eos_token_id=hf_config.eos_token_id,
+            pad_token_id=hf_config.pad_token_id,
+        )
+    else:
+        max_positions = params.get("max_seq_len") or (131072 if scaling else 8192)
+        tokens = {}
     return LlamaConfig(
         vocab_size=params["vocab_size"],
         hidden_size=dim,
@@ -166,8 +229,9 @@ def meta_config(
         rms_norm_eps=float(params.get("norm_eps", 1e-5)),
         rope_theta=float(params.get("rope_theta", 500000.0)),
         rope_scaling=scaling,
-        max_position_embeddings=params.get("max_seq_len") or (131072 if scaling else 8192),
+        max_position_embeddings=max_positions,
         tie_word_embeddings=tie_word_embeddings,
+        **tokens,
     )
 
 
@@ -186,26 +250,34 @@ def from_meta(
     dtype=jnp.bfloat16,
     rope_scaling_factor: float | None = None,
     *,
+    hf_config=None,
     progress: bool = True,
     mesh=None,
     rules=TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:
     """Load Meta's original checkpoint (``params.json`` + ``consolidated.00.pth``).
 
-    ``rope_scaling_factor``: Meta's ``params.json`` says only ``use_scaled_rope: true``; the factor is not
-    in the file (Meta's code takes it from the model family). Pass 32 for Llama 3.2 (the default) and 8
-    for Llama 3.1. The other llama3 RoPE values are the ones Meta's code hard-codes: low_freq_factor 1,
+    Meta's ``params.json`` says only ``use_scaled_rope: true``; the llama3 RoPE factor is not in the file
+    (Meta's code takes it from the model family: 8 for Llama 3.1, 32 for Llama 3.2). A wrong factor
+    loads without complaint and gives wrong logits, so there is no default: with ``use_scaled_rope`` set,
+    pass ``rope_scaling_factor``, or ``hf_config``, else a ConfigError is raised.
+    ``hf_config``: the same model's Hugging Face config (a directory, a config.json dict or a LlamaConfig;
+    in the meta-llama hub repositories, the folder above ``original/``). It is checked against
+    ``params.json`` (sizes, heads, vocabulary, RoPE) and gives the factor, the special tokens and the
+    context length. The other llama3 RoPE values are the ones Meta's code hard-codes: low_freq_factor 1,
     high_freq_factor 4, original context 8192.
 
     The head is tied to the embedding when ``output.weight`` is absent or equal to
-    ``tok_embeddings.weight`` (Llama 3.2 1B/3B). ``params.json`` names no special tokens, so the config's
-    ``bos_token_id``/``eos_token_id`` are left empty; ``max_position_embeddings`` is ``max_seq_len`` when
-    given, else 131072 with scaled RoPE and 8192 without.
+    ``tok_embeddings.weight`` (Llama 3.2 1B/3B). ``params.json`` names no special tokens: without
+    ``hf_config`` the config's ``bos_token_id``/``eos_token_id`` are left empty, and
+    ``max_position_embeddings`` is ``max_seq_len`` when given, else 131072 with scaled RoPE and 8192 without.
     """
     torch = import_torch("from_meta")
 
     directory = os.fspath(directory)
     params = _read_params(directory)
+    if hf_config is not None and not isinstance(hf_config, LlamaConfig):
+        hf_config = LlamaConfig.from_hf(hf_config)
     shards = sorted(glob.glob(os.path.join(directory, "consolidated.*.pth")))
     if not shards:
         raise CheckpointError(f"no consolidated.00.pth in {directory}")
@@ -229,7 +301,11 @@ def from_meta(
     if tied:
         state.pop("output.weight", None)
     config = meta_config(
-        params, tie_word_embeddings=tied, rope_scaling_factor=rope_scaling_factor, source=path
+        params,
+        tie_word_embeddings=tied,
+        rope_scaling_factor=rope_scaling_factor,
+        hf_config=hf_config,
+        source=os.path.join(directory, "params.json"),
     )
 
     meta_names = {meta_to_hf_name(name): name for name in state}
