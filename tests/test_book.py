@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 import types
 
@@ -483,14 +484,18 @@ MATH_CHAPTERS = {"03_rmsnorm", "04_rope"}  # chapters whose typeset formulas the
 
 
 @pytest.fixture(scope="module")
-def built_book(tmp_path_factory) -> pathlib.Path:
+def built_book(tmp_path_factory, request) -> pathlib.Path:
     """``jupyter-book build . -W -n --keep-going`` into a temporary folder, every chapter executed with
     ``LLAMA_JAX_MODEL`` pointing at a 2-layer checkpoint of Llama 3.2 1B's shape (a cell that raises
     fails the build)."""
     from llama_1b_shape import write_llama_1b_shape
 
     out = tmp_path_factory.mktemp("book")
-    checkpoint = write_llama_1b_shape(tmp_path_factory.mktemp("llama-3.2-1b-shape-2-layers"), num_layers=2)
+    # A short path (/tmp/llama-1b-2l-XXXXXXXX): the chapters print it, and their lines must fit 79 columns
+    # (pytest's own temporary folders are 60+ characters deep).
+    short = pathlib.Path(tempfile.mkdtemp(prefix="llama-1b-2l-"))
+    request.addfinalizer(lambda: shutil.rmtree(short, ignore_errors=True))
+    checkpoint = write_llama_1b_shape(short, num_layers=2)
     jupyter_book = pathlib.Path(sys.executable).with_name("jupyter-book")
     result = subprocess.run(
         [str(jupyter_book), "build", str(ROOT), "--path-output", str(out), "-W", "-n", "--keep-going"],
@@ -505,7 +510,7 @@ def built_book(tmp_path_factory) -> pathlib.Path:
 
 
 def test_build_has_every_chapter_executed(built_book):
-    assert "llama-3.2-1b-shape-2-layers" in (built_book / "book" / "00_introduction.html").read_text()
+    assert "llama-1b-2l-" in (built_book / "book" / "00_introduction.html").read_text()
     for chapter in CHAPTERS:
         page = built_book / "book" / f"{chapter.stem}.html"
         assert page.exists(), f"{page} not built"
