@@ -510,9 +510,8 @@ def main(argv=None) -> None:
                 skipped.append(f"{LABELS[framework]} (failed; its error is printed above)")
             else:
                 results.append(result)
-    bandwidth = measure_bandwidth(
-        args.on_gpu
-    )  # after the workers: its big arrays must not sit in memory beside them
+    # after the workers: its big arrays must not sit in memory beside them
+    bandwidth = measure_bandwidth(args.on_gpu)
     roofline = bandwidth["roofline_gbs"] / weights_gb
     text = report(args, machine, bandwidth, model_line, weights_gb, roofline, results, skipped)
     print(text)

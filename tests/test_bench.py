@@ -48,9 +48,8 @@ def test_bench_runs_all_frameworks_on_a_tiny_checkpoint(tiny_checkpoints, tmp_pa
     assert len(rows) == 4 * 2  # four frameworks x two batch sizes
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        float(
-            cells[3]
-        )  # decode tokens/s is a number (its value is not asserted; on a tiny model it may be nan)
+        # decode tokens/s is a number (its value is not asserted; on a tiny model it may be nan)
+        float(cells[3])
         if not cells[0].startswith("transformers"):
             assert cells[-1] == "4/4", row
 

@@ -575,9 +575,8 @@ def test_tiny_gguf_round_trip(tiny_checkpoints, meta_like_dir, reference, tmp_pa
     model = llama_jax.convert.from_gguf(
         write_gguf(directory, tmp_path / "tiny.gguf", freqs), dtype=jnp.float32, progress=False
     )
-    assert math_fields(model.config) == math_fields(
-        original.config
-    )  # llama3 scaling recovered from rope_freqs
+    # llama3 scaling recovered from rope_freqs
+    assert math_fields(model.config) == math_fields(original.config)
     assert_same_weights(model, original)
     diff = max_diff(ours(model), reference(name)[1])
     print(f"{name}: tiny GGUF vs transformers max |diff| = {diff:.2e}")

@@ -79,9 +79,8 @@ def test_rows_stop_at_eos_and_are_padded(models):
             np.testing.assert_array_equal(stopped[row], free[row])
         else:
             np.testing.assert_array_equal(stopped[row, : at + 1], free[row, : at + 1])
-            assert (
-                model.config.pad_token_id is None
-            )  # so the pad id is the (first) EOS id, as in transformers
+            # so the pad id is the (first) EOS id, as in transformers
+            assert model.config.pad_token_id is None
             assert (stopped[row, at + 1 :] == eos).all()
 
 

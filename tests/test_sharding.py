@@ -125,9 +125,8 @@ def test_tiny_models_on_meshes_of_8_devices(tiny_checkpoints, name):
     assert lora["largest relative difference"] <= 1e-5
     assert set(figures) == {"TP (1,8)", "TP (2,4)", "TP (8,1)", "FSDP (2,4)"}
     refused = {mesh for mesh, figure in figures.items() if "refused" in figure}
-    assert refused == (
-        {"TP (1,8)"} if name == "heads_8_kv_4" else set()
-    )  # 4 key/value heads cannot go 8 ways
+    # 4 key/value heads cannot go 8 ways
+    assert refused == ({"TP (1,8)"} if name == "heads_8_kv_4" else set())
     if refused:
         assert (
             "(4 key/value heads) cannot be split evenly over mesh axis 'model' of size 8"
