@@ -87,3 +87,19 @@ def test_train_bench_runs_on_a_tiny_checkpoint(tiny_checkpoints, tmp_path):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[3]) > 0 and cells[4].endswith("x")  # tokens/s and the ratio (values not asserted)
+
+
+def test_parity_tool_passes_on_a_checkpoint_and_its_gate_can_fail(tiny_checkpoints):
+    """bench/parity.py (run on the GPU machine) gates float32 parity with llama3 RoPE scaling and a
+    left-padded batch; with a bound that no difference can meet (negative), it must say so and exit 1."""
+
+    def parity(*extra):
+        command = [sys.executable, os.path.join(ROOT, "bench", "parity.py")]
+        command += ["--model", tiny_checkpoints["llama32_tied"], "--long", "40", "--padded", "40,13", *extra]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    same = parity()
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "PARITY OK" in same.stdout and "| padded (40+13)" in same.stdout
+    impossible = parity("--atol", "-1", "--rtol", "0")
+    assert impossible.returncode == 1 and "PARITY OK" not in impossible.stdout

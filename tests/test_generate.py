@@ -9,6 +9,7 @@ import torch
 from conftest import torch_model
 
 import llama_jax
+from llama_jax import programs
 from llama_jax.generate import _decode, _prefill, prompt_bucket
 
 generate_module = importlib.import_module("llama_jax.generate")  # llama_jax.generate is the function
@@ -118,12 +119,15 @@ def test_sample_next_filters():
 
 
 def test_one_compile_per_bucket(models):
+    def compiled():  # by jit, or kept by llama_jax.programs once a test enabled the compilation cache
+        return _prefill._cache_size(), _decode._cache_size(), len(programs._loaded)
+
     _, model = models("llama32_tied")
     llama_jax.generate(model, np.arange(3, 20)[None], max_new_tokens=8)  # 17 tokens: the 32 bucket
-    before = _prefill._cache_size(), _decode._cache_size()
+    before = compiled()
     llama_jax.generate(model, np.arange(3, 33)[None], max_new_tokens=8)  # same prompt bucket
     llama_jax.generate(model, np.arange(3, 25)[None], max_new_tokens=20)  # same cache bucket
-    assert (_prefill._cache_size(), _decode._cache_size()) == before
+    assert compiled() == before and sum(before) > 0
 
 
 @pytest.mark.parametrize("length, bucket", [(1, 16), (5, 16), (16, 16), (17, 32), (64, 64), (65, 128)])
@@ -192,3 +196,10 @@ def test_generate_text_chat_and_stream(models):
     assert len(both) == 2 and "Paris" in both[0]
     with pytest.raises(ValueError, match="has no tokens"):
         llama_jax.generate_text(model, tokenizer, "")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_outside_32_bits_is_refused(models, seed):
+    _, model = models("llama32_tied")
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\)"):
+        llama_jax.generate(model, np.array([[5, 6, 7]]), max_new_tokens=2, temperature=1.0, seed=seed)

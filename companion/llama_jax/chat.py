@@ -15,14 +15,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from . import programs
 from .generate import (
     STREAM_STEPS,
     Sampling,
     _decode_all,
     _pad_id,
     _prefill,
+    _seed,
     _text_eos,
     _TextStreamer,
     _until_eos,
@@ -58,8 +59,7 @@ class ChatSession:
         self.model, self.tokenizer, self.system = model, tokenizer, system
         limit = model.config.max_position_embeddings
         self.max_length = min(max_length or min(limit, 8192), limit)
-        self.graphdef, self.state = nnx.split(model)
-        self.mesh = mesh_of(self.state)
+        self.mesh = mesh_of(model)
         if self.mesh is not None and self.mesh.shape.get("batch", 1) != 1:
             raise ValueError("a chat is one conversation (batch 1): use a mesh with batch=1")
         self.reset()
@@ -140,19 +140,19 @@ class ChatSession:
         sampling = Sampling(temperature, top_k, top_p)
         eos = _text_eos(self.model, tokenizer)
         eos_array = jnp.asarray(eos, jnp.int32)
-        key = jax.random.key(seed)
+        seed = _seed(seed)
         self.prefilled = len(new_ids)
         self.ids += new_ids
         self.slots += range(start + bucket - len(new_ids), start + bucket)
         cache, self.cache = self.cache, None  # donated to the program: never reuse the old buffers
-        token, done, cache = _prefill(
-            self.graphdef,
-            self.state,
+        token, done, cache = programs.call(
+            _prefill,
+            self.model,
             cache,
             jnp.asarray(chunk),
             jnp.asarray(self.kv_mask),
             start,
-            key,
+            seed,
             eos_array,
             sampling=sampling,
             mesh=self.mesh,
@@ -160,11 +160,10 @@ class ChatSession:
         carry = (cache, jnp.asarray(self.kv_mask), token, done, jnp.int32(1), jnp.int32(start + bucket))
         streamer = None if stream is None else _TextStreamer(tokenizer, eos, stream)
         tokens, carry = _decode_all(
-            self.graphdef,
-            self.state,
+            self.model,
             carry,
             max_new_tokens,
-            key,
+            seed,
             eos_array,
             _pad_id(self.model, eos),
             sampling=sampling,

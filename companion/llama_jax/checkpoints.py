@@ -35,7 +35,9 @@ def cache_root() -> str:
 def enable_compilation_cache(directory: str | None = None) -> str | None:
     """Keep compiled XLA programs on disk, so a later process (the next CLI call, the next notebook)
     finds them instead of compiling again: JAX's persistent compilation cache, in ``directory``
-    (default ``cache_root()/xla``, created private to the user, mode 0700).
+    (default ``cache_root()/xla``, created private to the user, mode 0700). The generation programs
+    are also kept whole, compiled and ready to run, under ``directory/programs``
+    (``llama_jax.programs``), so that a new process skips tracing them too.
 
     Returns the directory, or None when ``$LLAMA_JAX_NO_COMPILATION_CACHE`` is set (to anything but
     "" or "0"): then nothing is changed. Call it before the first compilation; the CLI does.
@@ -44,11 +46,15 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
         return None
     import jax
 
+    from . import programs
+
     directory = os.path.abspath(directory or os.path.join(cache_root(), "xla"))
     os.makedirs(directory, mode=0o700, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)
     # every program, however quick to compile: the small ones add up at start-up too
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    # the generation programs are kept whole too, so a new process does not even trace them
+    programs.enable(directory)
     return directory
 
 

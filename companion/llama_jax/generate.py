@@ -4,8 +4,10 @@
 the cache and samples the first new token, then ``_decode`` runs a ``jax.lax.while_loop`` that feeds
 each new token back, one cache slot at a time, until every row has hit EOS or the budget is spent.
 When streaming, the host calls ``_decode`` for a few steps at a time and hands the tokens on between
-calls: no host callback inside the program, so both programs can be kept in JAX's persistent
-compilation cache (``llama_jax.enable_compilation_cache()``). Shapes are padded to buckets (prompt
+calls: no host callback inside the program, so both programs can be kept on disk, compiled
+(``llama_jax.enable_compilation_cache()``, ``llama_jax.programs``). Host values go in as numpy arrays,
+the empty cache and the random key are made inside the programs: no other program runs, so a new
+process has nothing else to compile or load. Shapes are padded to buckets (prompt
 length to a power of two from 16, cache length to a multiple of ``CACHE_BUCKET``), so the programs
 compile once per (batch, prompt bucket, cache bucket, sampling mode) and are reused by every later call
 that falls in the same buckets. ``llama_jax.ChatSession`` calls the same two programs on a cache it
@@ -25,10 +27,10 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from . import programs
 from .model import KVCache, LlamaForCausalLM
 from .sharding import kv_cache_sharding, mesh_of, split_rows
 
@@ -103,27 +105,35 @@ def sample_next(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Ar
 # ----------------------------------------------------------------------------- the fast programs
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mesh"), donate_argnames=("cache",))
-def _prefill(graphdef, state, cache, input_ids, kv_mask, start, key, eos_ids, *, sampling, mesh):
+@functools.partial(jax.jit, static_argnames=("sampling", "mesh"), donate_argnames=("cache",))
+def _prefill(model, cache, input_ids, kv_mask, start, seed, eos_ids, *, sampling, mesh):
     """Writes ``input_ids`` [B, T] into cache slots ``start .. start + T - 1`` (``kv_mask`` [B, S] already
-    marks the real ones) and samples the first new token. Returns (token [B], done [B], cache)."""
-    model = nnx.merge(graphdef, state)
+    marks the real ones) and samples the first new token. Returns (token [B], done [B], cache).
+    ``cache=None`` starts from an empty cache of S slots, made here rather than by a program of its own.
+
+    The model goes in as it is: an NNX module is a pytree (its arrays are the leaves, its structure
+    the static part), which ``jax.jit`` flattens in about a millisecond, where ``nnx.split`` would
+    walk the module's object graph for tens of milliseconds on every call."""
+    if cache is None:
+        dtype = model.model.embed_tokens.embedding[...].dtype
+        cache = KVCache.zeros(model.config, input_ids.shape[0], kv_mask.shape[1], dtype)
+        if mesh is not None:
+            cache = jax.lax.with_sharding_constraint(cache, kv_cache_sharding(model.config, mesh))
     hidden, cache = model.model(input_ids, kv_mask, cache, start)
     # only the last position's logits are needed
+    key = jax.random.key(seed)
     token = sample_next(model.logits(hidden[:, -1]), jax.random.fold_in(key, 0), sampling)
     return _replicated(mesh, token), _replicated(mesh, jnp.isin(token, eos_ids)), cache
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "sampling", "steps", "mesh"), donate_argnames=("carry",)
-)
-def _decode(graphdef, state, carry, max_new_tokens, key, eos_ids, pad_id, *, sampling, steps, mesh):
+@functools.partial(jax.jit, static_argnames=("sampling", "steps", "mesh"), donate_argnames=("carry",))
+def _decode(model, carry, max_new_tokens, seed, eos_ids, pad_id, *, sampling, steps, mesh):
     """Up to ``steps`` decode steps in a ``while_loop``. ``carry`` is (cache, kv_mask [B, S], token [B],
     done [B], step, slot): feed ``token`` into cache slot ``slot``, sample the next one, repeat, until
     ``max_new_tokens`` tokens exist (``step`` counts them) or every row is done; a row that is done gets
     ``pad_id``. Returns the new tokens [B, steps] (pad past the last step run) and the next carry."""
-    model = nnx.merge(graphdef, state)
     batch = carry[2].shape[0]
+    key = jax.random.key(seed)
 
     def keep_going(loop):
         i, (_, _, _, done, step, _), _ = loop
@@ -161,17 +171,20 @@ def _host(x: jax.Array) -> np.ndarray:
 def empty_cache(model: LlamaForCausalLM, batch: int, length: int) -> KVCache:
     """A zeroed KV cache of ``length`` slots for ``batch`` rows, laid out like the model on its mesh."""
     dtype = model.model.embed_tokens.embedding.get_value().dtype
-    cache = KVCache.zeros(model.config, batch, length, dtype)
-    mesh = mesh_of(nnx.state(model))
+    cache = _zeros(model.config, batch, length, dtype)
+    mesh = mesh_of(model)
     return cache if mesh is None else jax.device_put(cache, kv_cache_sharding(model.config, mesh))
 
 
+# one compiled program instead of one dispatch per layer's keys and values
+_zeros = jax.jit(KVCache.zeros, static_argnums=(0, 1, 2, 3))
+
+
 def _decode_all(
-    graphdef,
-    state,
+    model,
     carry,
     max_new_tokens,
-    key,
+    seed,
     eos,
     pad_id,
     *,
@@ -190,12 +203,12 @@ def _decode_all(
         callback(0, tokens[0][:, 0])
     step, done = 1, _host(carry[3])
     while step < max_new_tokens and not done.all() and not (stop is not None and stop()):
-        out, carry = _decode(
-            graphdef,
-            state,
+        out, carry = programs.call(
+            _decode,
+            model,
             carry,
             max_new_tokens,
-            key,
+            seed,
             eos,
             pad_id,
             sampling=sampling,
@@ -244,6 +257,13 @@ def _check_inputs(model: LlamaForCausalLM, input_ids, attention_mask, max_new_to
             f"max_position_embeddings ({model.config.max_position_embeddings})"
         )
     return ids.astype(np.int32), mask.astype(np.int32)
+
+
+def _seed(seed: int) -> np.uint32:
+    """The sampling seed as the programs take it (``jax.random.key(seed)`` is made inside them)."""
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    return np.uint32(seed)
 
 
 def _eos_ids(model: LlamaForCausalLM, eos_token_id) -> tuple[int, ...]:
@@ -295,36 +315,34 @@ def generate(
     mask = np.pad(mask, ((0, 0), (bucket - prompt_len, 0)))
     cache_len = _round_up(bucket + max_new_tokens, CACHE_BUCKET)
     kv_mask = np.pad(mask, ((0, 0), (0, cache_len - bucket))).astype(bool)
-    graphdef, state = nnx.split(model)
-    mesh = mesh_of(state)
-    rows = batch
+    mesh = mesh_of(model)
     if mesh is not None:  # pad the batch to a multiple of the "batch" axis, then split it over that axis
         extra = _round_up(batch, mesh.shape["batch"]) - batch
-        rows = batch + extra
         ids, kv_mask = split_rows(
             mesh, *(np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) for a in (ids, kv_mask))
         )
-    key = jax.random.key(seed)
-    eos_array = jnp.asarray(eos or (-1,), jnp.int32)
-    token, done, cache = _prefill(
-        graphdef,
-        state,
-        empty_cache(model, rows, cache_len),
-        jnp.asarray(ids),
-        jnp.asarray(kv_mask),
-        jnp.int32(0),
-        key,
+    # host values (numpy) go in as they are: jnp.asarray and jax.random.key would each be a small
+    # program of their own, which a new process would have to load
+    seed = _seed(seed)
+    eos_array = np.asarray(eos or (-1,), np.int32)
+    token, done, cache = programs.call(
+        _prefill,
+        model,
+        None,  # an empty cache, made by the program
+        ids,
+        kv_mask,
+        np.int32(0),
+        seed,
         eos_array,
         sampling=sampling,
         mesh=mesh,
     )
-    carry = (cache, jnp.asarray(kv_mask), token, done, jnp.int32(1), jnp.int32(bucket))
+    carry = (cache, kv_mask, token, done, np.int32(1), np.int32(bucket))
     tokens, _ = _decode_all(
-        graphdef,
-        state,
+        model,
         carry,
         max_new_tokens,
-        key,
+        seed,
         eos_array,
         pad_id,
         sampling=sampling,
@@ -340,7 +358,7 @@ def generate(
 # ------------------------------------------------------------------------------- the slow baseline
 
 
-@nnx.jit
+@jax.jit
 def _full_forward(model: LlamaForCausalLM, input_ids, attention_mask):
     """One full forward pass, compiled once per (model structure, buffer shape)."""
     return model(input_ids, attention_mask)
