@@ -10,6 +10,8 @@ this package's source code, the versions of jax, jaxlib and flax, the devices, e
 ``XLA_FLAGS``, the structure of the arguments (the model's class, config and static attributes
 included), the shape, dtype and placement of every argument, and the static arguments. Anything
 else (no directory set, a model on a mesh) goes through the jitted function as usual.
+``keep(name, parts, build)`` does the same for a plain Python value that is slow to make: the abstract
+model ``from_pretrained`` fills.
 
 A file that cannot be read or loaded (from a killed process, an older format) is compiled and
 written again; files are written whole (a temporary file, then a rename), never half. These programs
@@ -44,7 +46,7 @@ _loaded: dict = {}  # (program, structure, avals, static) -> the compiled execut
 
 
 def enable(directory: str | None) -> None:
-    """Keep compiled programs under ``directory`` (None: in memory only while the process lives, no files)."""
+    """Keep compiled programs under ``directory`` (None: off, calls go to the jitted functions as usual)."""
     global _directory
     _directory = directory
 
