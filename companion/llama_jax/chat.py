@@ -16,18 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import programs
 from .generate import (
     STREAM_STEPS,
     Sampling,
-    _decode_all,
     _pad_id,
-    _prefill,
+    _prefill_and_decode,
     _seed,
     _text_eos,
     _TextStreamer,
     _until_eos,
-    empty_cache,
     prompt_bucket,
 )
 from .model import KVCache, LlamaForCausalLM
@@ -93,9 +90,8 @@ class ChatSession:
             return
         while length < slots:
             length = min(max(2 * length, FIRST_CACHE_LENGTH), self.max_length)
-        if self.cache is None:
-            self.cache = empty_cache(self.model, 1, length)
-        else:  # the old slots at the front, empty ones behind
+        if self.cache is not None:  # the old slots at the front, empty ones behind (none yet: the
+            # first prefill makes the cache, as long as kv_mask)
             grow = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, length - a.shape[2]), (0, 0)))
             self.cache = jax.tree.map(grow, self.cache)
         self.kv_mask = np.pad(self.kv_mask, ((0, 0), (0, length - self.kv_mask.shape[1])))
@@ -115,6 +111,8 @@ class ChatSession:
         """Add the user's ``message``, answer it (``stream(piece)`` receives the text as it comes) and
         keep both. ``stop()``, checked between decode calls, ends the answer early (Ctrl-C in the CLI);
         the partial answer is kept."""
+        sampling = Sampling(temperature, top_k, top_p)  # bad settings are refused before anything changes
+        _seed(seed)
         tokenizer = self.tokenizer
         messages = [*self.messages, {"role": "user", "content": message}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -137,39 +135,25 @@ class ChatSession:
         chunk = np.zeros((1, bucket), np.int32)
         chunk[0, bucket - len(new_ids) :] = new_ids
         self.kv_mask[0, start + bucket - len(new_ids) : start + bucket] = True
-        sampling = Sampling(temperature, top_k, top_p)
         eos = _text_eos(self.model, tokenizer)
-        eos_array = jnp.asarray(eos, jnp.int32)
-        seed = _seed(seed)
         self.prefilled = len(new_ids)
         self.ids += new_ids
         self.slots += range(start + bucket - len(new_ids), start + bucket)
         cache, self.cache = self.cache, None  # donated to the program: never reuse the old buffers
-        token, done, cache = programs.call(
-            _prefill,
+        tokens, carry = _prefill_and_decode(
             self.model,
-            cache,
-            jnp.asarray(chunk),
-            jnp.asarray(self.kv_mask),
+            cache,  # None at the first turn: the program makes an empty one
+            chunk,
+            self.kv_mask.copy(),  # ours changes below
             start,
-            seed,
-            eos_array,
-            sampling=sampling,
-            mesh=self.mesh,
-        )
-        carry = (cache, jnp.asarray(self.kv_mask), token, done, jnp.int32(1), jnp.int32(start + bucket))
-        streamer = None if stream is None else _TextStreamer(tokenizer, eos, stream)
-        tokens, carry = _decode_all(
-            self.model,
-            carry,
             max_new_tokens,
             seed,
-            eos_array,
+            eos,
             _pad_id(self.model, eos),
             sampling=sampling,
             steps=STREAM_STEPS if stream is not None else CHUNK_STEPS,
             mesh=self.mesh,
-            callback=streamer,
+            callback=None if stream is None else _TextStreamer(tokenizer, eos, stream),
             stop=stop,
         )
         self.cache = carry[0]

@@ -3,9 +3,9 @@ command line.
 
 Errors in what the user gave (a missing checkpoint, a broken config, a prompt that is too long) or
 in the installation (a missing optional dependency) print one line, ``error: ...``, and exit with
-status 2; nothing else is caught. Compiled programs are kept in JAX's persistent compilation cache
-(``llama_jax.enable_compilation_cache``), so only the first call on a machine compiles; set
-``LLAMA_JAX_NO_COMPILATION_CACHE=1`` to turn that off.
+status 2; nothing else is caught. Compiled programs are kept on disk (``llama_jax.enable_compilation_cache``:
+the generation programs whole, in ``llama_jax.programs``), so only the first call on a machine compiles;
+set ``LLAMA_JAX_NO_COMPILATION_CACHE=1`` to turn that off.
 """
 
 from __future__ import annotations

@@ -168,21 +168,12 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.array(x.addressable_data(0))
 
 
-def empty_cache(model: LlamaForCausalLM, batch: int, length: int) -> KVCache:
-    """A zeroed KV cache of ``length`` slots for ``batch`` rows, laid out like the model on its mesh."""
-    dtype = model.model.embed_tokens.embedding.get_value().dtype
-    cache = _zeros(model.config, batch, length, dtype)
-    mesh = mesh_of(model)
-    return cache if mesh is None else jax.device_put(cache, kv_cache_sharding(model.config, mesh))
-
-
-# one compiled program instead of one dispatch per layer's keys and values
-_zeros = jax.jit(KVCache.zeros, static_argnums=(0, 1, 2, 3))
-
-
-def _decode_all(
+def _prefill_and_decode(
     model,
-    carry,
+    cache,
+    ids,
+    kv_mask,
+    start,
     max_new_tokens,
     seed,
     eos,
@@ -194,10 +185,22 @@ def _decode_all(
     callback=None,
     stop=None,
 ):
-    """The host loop around ``_decode``, from the carry ``_prefill`` leaves (its first token at step 0):
-    calls of ``steps`` steps until ``max_new_tokens`` tokens exist, every row is done, or ``stop()``
-    says so, handing each step's tokens [B] to ``callback(step, tokens)`` between calls (streaming).
-    Returns (tokens [B, n], the last carry)."""
+    """The two programs in a row, for ``generate`` and ``ChatSession``: ``_prefill`` writes ``ids`` [B, T]
+    into cache slots ``start .. start + T - 1`` (``cache=None``: a new, empty cache of ``kv_mask``'s
+    S slots) and samples the first token; then the host calls ``_decode`` for ``steps`` steps at a time
+    until ``max_new_tokens`` tokens exist, every row is done, or ``stop()`` says so, handing each step's
+    tokens [B] to ``callback(step, tokens)`` between calls (streaming). Returns (tokens [B, n], the
+    last carry, whose cache holds every new token but the last).
+
+    Host values go in as numpy (``kv_mask`` too: pass a copy if you change yours afterwards):
+    ``jnp.asarray`` and ``jax.random.key`` would each be a small program of its own, which a new
+    process would have to load."""
+    seed = _seed(seed)
+    eos = np.asarray(eos or (-1,), np.int32)
+    token, done, cache = programs.call(
+        _prefill, model, cache, ids, kv_mask, np.int32(start), seed, eos, sampling=sampling, mesh=mesh
+    )
+    carry = (cache, kv_mask, token, done, np.int32(1), np.int32(start + ids.shape[1]))
     tokens = [_host(carry[2])[:, None]]
     if callback is not None:
         callback(0, tokens[0][:, 0])
@@ -321,29 +324,15 @@ def generate(
         ids, kv_mask = split_rows(
             mesh, *(np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) for a in (ids, kv_mask))
         )
-    # host values (numpy) go in as they are: jnp.asarray and jax.random.key would each be a small
-    # program of their own, which a new process would have to load
-    seed = _seed(seed)
-    eos_array = np.asarray(eos or (-1,), np.int32)
-    token, done, cache = programs.call(
-        _prefill,
+    tokens, _ = _prefill_and_decode(
         model,
         None,  # an empty cache, made by the program
         ids,
         kv_mask,
-        np.int32(0),
-        seed,
-        eos_array,
-        sampling=sampling,
-        mesh=mesh,
-    )
-    carry = (cache, kv_mask, token, done, np.int32(1), np.int32(bucket))
-    tokens, _ = _decode_all(
-        model,
-        carry,
+        0,
         max_new_tokens,
         seed,
-        eos_array,
+        eos,
         pad_id,
         sampling=sampling,
         steps=STREAM_STEPS if callback is not None else cache_len - bucket,
