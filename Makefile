@@ -2,15 +2,20 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 VENV := .venv
+# Python 3.12 or newer (jax 0.11+ needs it): the first of these that runs; `make PYTHON=...` to choose.
+# pyenv's versions are looked up by path too, since its shims only expose the global version.
+PYTHON ?= $(firstword $(foreach p,python3.13 python3.12 $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13 $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3,$(shell $(p) -c 'import sys; assert sys.version_info >= (3, 12)' >/dev/null 2>&1 && echo $(p))))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # pip prints one line per package for every local index that lacks it: keep the output readable
 QUIET := 2>&1 | { grep -v ' is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: install generate lint format test test-1b-shape book sync bench bench-cli bench-train clean
+.PHONY: install generate lint format test test-compat test-1b-shape book sync bench bench-cli bench-train clean
 
 $(STAMP): requirements.txt companion/pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	@test -n "$(PYTHON)" || { echo "make: no Python 3.12 or newer found: install one, or pass PYTHON=/path/to/python3.12"; exit 1; }
+	# a .venv of an older Python (made before the move to jax 0.12) is made again
+	$(PY) -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip $(QUIET)
 	$(PY) -m pip install -q -r requirements.txt $(QUIET)
 	# keras-hub without tensorflow-text/TensorFlow (its JAX backend never imports them);
@@ -39,6 +44,14 @@ format: $(STAMP)
 # (every chapter executed again, on a 2-layer checkpoint of Llama 3.2 1B's shape), on 2 workers.
 test: lint
 	$(PY) -m pytest -n 2 --dist loadfile --nbmake --nbmake-timeout=900 tests book
+
+# The package's unit tests in fresh venvs: the oldest supported set (Python 3.11), whatever pip resolves
+# today with no pins (Python 3.13), and a Colab first contact (Colab's preinstalled versions, then a
+# chapter's install cell, then the chapter). Slow (several GB of downloads the first time); not part of
+# `make test`. `make test-compat COMPAT=newest` runs one of: oldest newest colab.
+COMPAT ?= oldest newest colab
+test-compat: $(STAMP)
+	$(PY) tests/compat.py $(COMPAT)
 
 # Every chapter under nbmake on a random-weight checkpoint of Llama 3.2 1B's full shape (16 layers,
 # 4.3 GB in float32, written once under _build/), one chapter at a time: a chapter holds up to three

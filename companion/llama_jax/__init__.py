@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it from here)
 
+from .extras import check_jax_flax
+
+check_jax_flax()  # before flax is imported: an unsupported pair gets one line, not a deep AttributeError
+
 from . import convert, lora, sharding, train
 from .chat import ChatSession
 from .checkpoints import (

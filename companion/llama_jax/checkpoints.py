@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 
+from .extras import import_transformers
 from .weights import CheckpointError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -170,9 +171,7 @@ def load_tokenizer(directory: str):
     """
     if os.path.exists(os.path.join(directory, "tokenizer.json")):
         return Tokenizer(directory)
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(directory)
+    return import_transformers().AutoTokenizer.from_pretrained(directory)
 
 
 def _token_text(value) -> str | None:
@@ -303,9 +302,7 @@ class Tokenizer:
 
     def _transformers(self):
         if self._full is None:
-            import transformers
-
-            self._full = transformers.AutoTokenizer.from_pretrained(self.directory)
+            self._full = import_transformers().AutoTokenizer.from_pretrained(self.directory)
         return self._full
 
     def __getattr__(self, name):  # anything else: transformers' tokenizer for the same files

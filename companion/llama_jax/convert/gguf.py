@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ConfigError, LlamaConfig, RopeScaling
+from ..extras import import_transformers
 from ..model import LlamaForCausalLM
 from ..rope import default_inverse_frequencies, llama3_scale_frequencies
 from ..sharding import TENSOR_PARALLEL
@@ -155,7 +156,7 @@ def from_gguf(
     dtype=jnp.bfloat16,
     *,
     rope_scaling: RopeScaling | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     mesh=None,
     rules=TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:
@@ -213,7 +214,7 @@ def tokenizer_from_gguf(path: str | os.PathLike):
     the one ``AutoTokenizer.from_pretrained(directory, gguf_file=...)`` uses (that route reads the file
     with PyTorch; this one needs no PyTorch).
     """
-    from transformers import PreTrainedTokenizerFast
+    PreTrainedTokenizerFast = import_transformers().PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
         GGUF_TOKENIZER_MAPPING,
         convert_gguf_tokenizer,

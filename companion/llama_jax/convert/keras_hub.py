@@ -170,7 +170,7 @@ def from_keras_hub(
     dtype=jnp.bfloat16,
     *,
     checkpoint=None,
-    progress: bool = True,
+    progress: bool | None = None,
     mesh=None,
     rules=TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:

@@ -251,7 +251,7 @@ def from_meta(
     rope_scaling_factor: float | None = None,
     *,
     hf_config=None,
-    progress: bool = True,
+    progress: bool | None = None,
     mesh=None,
     rules=TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:

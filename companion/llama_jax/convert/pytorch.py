@@ -36,7 +36,7 @@ def from_torch_state_dict(
     config: Any,
     dtype=jnp.bfloat16,
     *,
-    progress: bool = True,
+    progress: bool | None = None,
     mesh=None,
     rules=TENSOR_PARALLEL,
 ) -> LlamaForCausalLM:
