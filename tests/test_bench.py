@@ -103,3 +103,23 @@ def test_parity_tool_passes_on_a_checkpoint_and_its_gate_can_fail(tiny_checkpoin
     assert "PARITY OK" in same.stdout and "| padded (40+13)" in same.stdout
     impossible = parity("--atol", "-1", "--rtol", "0")
     assert impossible.returncode == 1 and "PARITY OK" not in impossible.stdout
+
+
+def test_decode_profile_counts_the_operations_of_a_generate_call(tiny_checkpoints, tmp_path):
+    """bench/decode_profile.py (run on the GPU machine too) reads back its own trace: it finds the
+    operations XLA ran (a decode step has at least one per layer) and writes its report."""
+    output = tmp_path / "profile.md"
+    command = [sys.executable, os.path.join(ROOT, "bench", "decode_profile.py")]
+    command += ["--model", tiny_checkpoints["untied"], "--dtype", "float32", "--new-tokens", "4"]
+    done = subprocess.run(
+        [*command, "--prompt-tokens", "8", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = output.read_text()
+    print(report)
+    per_token = next(line for line in report.splitlines() if line.startswith("| XLA operations"))
+    assert float(per_token.split("|")[2]) >= 2  # the tiny checkpoint has 2 layers
+    assert "| top kernels by time |" in report

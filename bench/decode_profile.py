@@ -1,0 +1,128 @@
+"""Where a decode step's time goes: one ``generate`` call traced with ``jax.profiler``, its kernels counted.
+
+    python bench/decode_profile.py --model DIR [--dtype bfloat16] [--batch 1] [--new-tokens 64]
+
+After two warm calls, one call of ``llama_jax.generate`` (a prompt of ``--prompt-tokens`` tokens,
+``--new-tokens`` new ones, EOS off) runs under ``jax.profiler.trace``; the trace is read back with
+``jax.profiler.ProfileData``. On a GPU the kernels are the events of the device's stream lines; on a
+CPU, the XLA operations run by XLA's thread pools. Printed (and written to ``--output`` as markdown):
+kernels and device-busy time per new token, against the wall time per new token. Busy time well below
+the wall time means the device waits between kernels (launch gaps, host work); busy time near it means
+the kernels themselves bound the step (at batch 1, reading the weights: the roofline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from jax.profiler import ProfileData
+
+import llama_jax
+
+# events of XLA's CPU thread pools that are bookkeeping, not operations
+CPU_BOOKKEEPING = (
+    "ThunkExecutor::Execute",
+    "ThreadpoolListener::StartRegion",
+    "ThreadpoolListener::StopRegion",
+)
+
+
+def kernel_events(profile: ProfileData) -> list[tuple[str, float]]:
+    """(name, duration in ns) of every kernel (GPU) or XLA operation (CPU) in the trace."""
+    events = []
+    for plane in profile.planes:
+        if plane.name.startswith("/device:"):  # a GPU: its streams; "XLA Modules"/"XLA Ops" repeat them
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    events += [(e.name, e.duration_ns) for e in line.events]
+        elif plane.name == "/host:CPU" and not any(p.name.startswith("/device:") for p in profile.planes):
+            for line in plane.lines:
+                if line.name.startswith("tf_XLA"):
+                    events += [
+                        (e.name, e.duration_ns) for e in line.events if not e.name.startswith(CPU_BOOKKEEPING)
+                    ]
+    return events
+
+
+def profile_decode(model, ids: np.ndarray, new_tokens: int) -> dict:
+    for _ in range(2):  # compile, then one warm call
+        llama_jax.generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[])
+    start = time.perf_counter()
+    llama_jax.generate(model, ids, max_new_tokens=1, eos_token_id=[])
+    ttft = time.perf_counter() - start
+    directory = tempfile.mkdtemp(prefix="decode-profile-")
+    with jax.profiler.trace(directory):
+        start = time.perf_counter()
+        llama_jax.generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[])
+        wall = time.perf_counter() - start
+    (path,) = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
+    events = kernel_events(ProfileData.from_file(path))
+    totals = collections.defaultdict(lambda: [0, 0.0])
+    for name, ns in events:
+        totals[name][0] += 1
+        totals[name][1] += ns
+    busy = sum(ns for _, ns in events) / 1e9
+    return {"wall": wall, "ttft": ttft, "kernels": len(events), "busy": busy, "totals": dict(totals)}
+
+
+def report(args, result, backend: str) -> str:
+    n = args.new_tokens
+    decode_wall = result["wall"] - result["ttft"]
+    lines = [
+        f"# Decode profile: {os.path.basename(os.path.normpath(args.model))}, {args.dtype}, batch {args.batch}",
+        "",
+        f"- {backend}: {jax.devices()[0].device_kind}; jax {jax.__version__}",
+        f"- one `generate` call: {args.prompt_tokens} prompt tokens, {n} new tokens, traced with jax.profiler",
+        "",
+        "| per new token | value |",
+        "|---|---|",
+        f"| wall time (whole call / new tokens) | {1e6 * result['wall'] / n:.0f} us |",
+        f"| wall time of decode (call - TTFT) / (new tokens - 1) | {1e6 * decode_wall / max(n - 1, 1):.0f} us |",
+        f"| {'kernels' if backend == 'gpu' else 'XLA operations'} | {result['kernels'] / n:.1f} |",
+        f"| device busy (sum of their durations) | {1e6 * result['busy'] / n:.0f} us |",
+        f"| busy / wall | {result['busy'] / result['wall']:.0%} |",
+        "",
+        "| top kernels by time | count / token | us / token | share of busy |",
+        "|---|---|---|---|",
+    ]
+    top = sorted(result["totals"].items(), key=lambda item: -item[1][1])[:12]
+    for name, (count, ns) in top:
+        share = ns / 1e9 / result["busy"] if result["busy"] else 0
+        lines.append(f"| `{name[:70]}` | {count / n:.1f} | {ns / 1e3 / n:.1f} | {share:.0%} |")
+    lines += [
+        "",
+        "On a CPU, XLA's operations overlap on several threads, so busy time can exceed the wall time.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a Hugging Face Llama checkpoint directory")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--output", help="also write the report to this markdown file")
+    args = parser.parse_args(argv)
+    model = llama_jax.from_pretrained(args.model, dtype=args.dtype)
+    vocab = model.config.vocab_size
+    ids = np.random.default_rng(0).integers(3, vocab, (args.batch, args.prompt_tokens)).astype(np.int32)
+    result = profile_decode(model, ids, args.new_tokens)
+    text = report(args, result, jax.default_backend())
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
