@@ -1,15 +1,18 @@
 """LoRA training benchmark: llama_jax's train step against transformers + peft on the same machine.
 
-    python bench/train.py                  # the bundled SmolLM2-135M-Instruct, float32 on CPU
-    python bench/train.py --model DIR      # any local Hugging Face Llama checkpoint
+    python bench/train.py                         # the bundled SmolLM2-135M-Instruct, float32 on CPU
+    python bench/train.py --model DIR             # any local Hugging Face Llama checkpoint
+    python bench/train.py --random-llama-3.2-1b   # random weights in Llama 3.2 1B's shape (for a GPU)
 
 Both train the same LoRA adapter (rank, alpha, all seven projections) with AdamW on the same batches
 (token ids cut from a fixed pseudo-random stream, loss on the second half of each row, as for an
-answer after a prompt), in float32. Each runs in its own process (this script with ``--worker``), so
-the peak resident memory is its own. Reported: the first step apart (for llama_jax it includes
-compilation), then training tokens per second over the remaining steps (batch x sequence length /
-mean step time), and peak RSS. The table is printed and written to bench/TRAIN_RESULTS.md; compare
-ratios from one run only.
+answer after a prompt). The frozen base is held in ``--dtype`` (float32, or bfloat16), the adapters and
+the loss in float32, in both. Where a GPU is visible (``nvidia-smi``) both run on it, and the defaults
+become the GPU run of bench/GPU_RESULTS.md: bfloat16, batch 8 x 512. Each runs in its own process (this
+script with ``--worker``), so the peak resident and device memory are its own. Reported: the first step
+apart (for llama_jax it includes compilation), then training tokens per second over the remaining
+steps (batch x sequence length / mean step time), peak RSS and peak device memory. The table is
+printed and written to bench/TRAIN_RESULTS.md; compare ratios from one run only.
 """
 
 from __future__ import annotations
@@ -20,15 +23,18 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from generate import peak_rss_gb  # noqa: E402  (the same memory measure as the generation benchmark)
+# the same memory measures and random 1B checkpoint as the generation benchmark
+from generate import device_peak_gb, peak_rss_gb, write_random_llama_1b  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -47,7 +53,7 @@ def run_llama_jax(args, config):
 
     import llama_jax
 
-    model = llama_jax.from_pretrained(args.model, dtype=jnp.float32, progress=False)
+    model = llama_jax.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), progress=False)
     llama_jax.add_lora(model, rank=args.rank, alpha=2 * args.rank)
     optimizer = llama_jax.train.lora_optimizer(model, 1e-4, clip_norm=None)
     return lambda ids, mask, loss_mask: llama_jax.train.train_step(model, optimizer, ids, mask, loss_mask)
@@ -58,8 +64,10 @@ def run_peft(args, config):
     import torch
     import transformers
 
-    model = transformers.LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model = peft.get_peft_model(
+    device = "cuda" if args.gpu else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = transformers.LlamaForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+    model = peft.get_peft_model(  # peft keeps the adapters in float32 over a bfloat16 base (autocast_adapter_dtype)
         model,
         peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, lora_dropout=0.0),
     ).train()
@@ -70,9 +78,9 @@ def run_peft(args, config):
     def step(ids, mask, loss_mask):
         labels = np.where(loss_mask == 1, ids, -100)
         loss = model(
-            input_ids=torch.as_tensor(ids, dtype=torch.long),
-            attention_mask=torch.as_tensor(mask),
-            labels=torch.as_tensor(labels, dtype=torch.long),
+            input_ids=torch.as_tensor(ids, dtype=torch.long, device=device),
+            attention_mask=torch.as_tensor(mask, device=device),
+            labels=torch.as_tensor(labels, dtype=torch.long, device=device),
         ).loss
         loss.backward()
         optimizer.step()
@@ -102,6 +110,9 @@ def worker(args) -> None:
                 "step_s": warm,
                 "tokens_per_s": args.batch * args.length / warm,
                 "peak_rss_gb": peak_rss_gb(),
+                "peak_device_gb": device_peak_gb("transformers" if args.worker == "peft" else "llama_jax")
+                if args.gpu
+                else None,
                 "losses": losses,
             }
         ),
@@ -109,24 +120,55 @@ def worker(args) -> None:
     )
 
 
+def gpu_visible() -> bool:
+    """An NVIDIA GPU is there (asked of nvidia-smi, so that this process initializes no framework)."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.startswith("GPU")
+
+
+def gpu_name() -> str:
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+    )
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "?"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint directory (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--random-llama-3.2-1b",
+        dest="random_llama_1b",
+        action="store_true",
+        help="random weights in Llama 3.2 1B's shape",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="the frozen base's (default: bfloat16 on a GPU, else float32)",
+    )
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=128, help="tokens per row")
+    parser.add_argument("--length", type=int, help="tokens per row (default: 512 on a GPU, else 128)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="the first one is reported apart")
     parser.add_argument("--output", default=os.path.join(HERE, "TRAIN_RESULTS.md"), help="'-' writes nothing")
     parser.add_argument("--worker", choices=["llama_jax", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--gpu", action="store_true", help=argparse.SUPPRESS)  # set for the workers
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first one includes compilation)")
-    if args.model is None:
+    if args.worker:
+        return worker(args)
+    args.gpu = gpu_visible()
+    args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
+    args.length = args.length or (512 if args.gpu else 128)
+    if args.random_llama_1b:
+        args.model = write_random_llama_1b(tempfile.mkdtemp(prefix="llama-3.2-1b-random-"))
+    elif args.model is None:
         import llama_jax
 
         args.model = llama_jax.default_checkpoint()
-    if args.worker:
-        return worker(args)
 
     results = []
     for framework in ("llama_jax", "peft"):
@@ -146,6 +188,9 @@ def main(argv=None) -> None:
             str(args.rank),
             "--steps",
             str(args.steps),
+            "--dtype",
+            args.dtype,
+            *(["--gpu"] if args.gpu else []),
         ]
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -154,15 +199,22 @@ def main(argv=None) -> None:
         results.append(json.loads(lines[-1][len("RESULT ") :]))
 
     reference = results[1]["tokens_per_s"]
+    model_name = os.path.basename(os.path.normpath(args.model))
+    if args.random_llama_1b:
+        model_name = "random weights in Llama 3.2 1B's shape"
+        shutil.rmtree(args.model, ignore_errors=True)
     rows = [
-        "| framework | first step (s) | step (s) | training tokens/s | vs transformers + peft | peak RSS (GB) |",
-        "|---|---|---|---|---|---|",
+        "| framework | first step (s) | step (s) | training tokens/s | vs transformers + peft | peak RSS (GB) "
+        "| peak device memory (GB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     labels = {"llama_jax": "llama_jax `train.train_step` (nnx.jit)", "peft": "transformers + peft (PyTorch)"}
     for r in results:
         rows.append(
             f"| {labels[r['framework']]} | {r['first_step_s']:.1f} | {r['step_s']:.2f} | "
-            f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / reference:.2f}x | {r['peak_rss_gb']:.2f} |"
+            f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / reference:.2f}x | {r['peak_rss_gb']:.2f} | "
+            + ("-" if r["peak_device_gb"] is None else f"{r['peak_device_gb']:.2f}")
+            + " |"
         )
     versions = ", ".join(
         f"{p} {importlib.metadata.version(p)}"
@@ -172,9 +224,12 @@ def main(argv=None) -> None:
         [
             "# LoRA training benchmark",
             "",
-            f"{datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPUs, {versions}.",
+            f"{datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPUs"
+            + (f", GPU {gpu_name()}" if args.gpu else "")
+            + f", {versions}.",
             "",
-            f"Model `{os.path.basename(os.path.normpath(args.model))}`, float32; batch {args.batch} x {args.length} tokens "
+            f"Model `{model_name}`, frozen base in {args.dtype}, adapters and loss in float32, on the "
+            f"{'GPU' if args.gpu else 'CPU'}; batch {args.batch} x {args.length} tokens "
             f"(loss on the second half of each row); LoRA rank {args.rank}, alpha {2 * args.rank}, on "
             f"{', '.join(TARGETS)}; AdamW, learning rate 1e-4; {args.steps} steps, the first reported apart "
             "(llama_jax compiles then). One run: compare the ratios, not figures from different runs.",
