@@ -193,7 +193,7 @@ def test_lean_tokenizer_equals_autotokenizer(smollm2_dir):
 
     ours = llama_jax.load_tokenizer(smollm2_dir)
     theirs = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    assert isinstance(ours, llama_jax.checkpoints.Tokenizer)
+    assert isinstance(ours, llama_jax.Tokenizer)
     for name in ("bos_token", "eos_token", "pad_token", "bos_token_id", "eos_token_id", "pad_token_id"):
         assert getattr(ours, name) == getattr(theirs, name), name
     assert ours.chat_template == theirs.chat_template and len(ours) == len(theirs)

@@ -87,8 +87,9 @@ def _load(args, mesh=None):
     import jax
     import jax.numpy as jnp
 
-    from .checkpoints import default_checkpoint, enable_compilation_cache, load_tokenizer, resolve_checkpoint
-    from .weights import from_pretrained
+    from .checkpoints import default_checkpoint, from_pretrained, resolve_checkpoint
+    from .programs import enable_compilation_cache
+    from .tokenizer import load_tokenizer
 
     enable_compilation_cache()
     directory = resolve_checkpoint(args.model) if args.model else default_checkpoint()
@@ -104,8 +105,8 @@ def _sampling(args) -> dict:
 
 
 def _generate(args) -> None:
-    from .generate import generate_text
     from .sharding import make_mesh, parse_mesh
+    from .text import generate_text
 
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
     model, tokenizer = _load(args, mesh)

@@ -1,25 +1,21 @@
-"""Compiled programs kept on disk whole, so that a new process neither traces nor lowers them again.
+"""Compiled programs kept on disk: JAX's persistent compilation cache, and the generation programs
+kept whole so that a new process neither traces nor lowers them again.
 
-JAX's persistent compilation cache (``llama_jax.enable_compilation_cache``) keeps XLA's compiled code,
-but a new process must still trace the Python function to a jaxpr and lower it to StableHLO before it
-can look the code up: about a second for the two generation programs of a 30-layer model, paid by
-every command-line call. ``call(program, *args, **static)`` instead keeps the compiled executable
-itself (``jax.experimental.serialize_executable``), once per process in memory and once per machine
-under ``<compilation cache>/programs``, under a key that covers everything the program is built from:
-this package's source code, the versions of jax, jaxlib and flax, the devices, every JAX setting and
-``XLA_FLAGS``, the structure of the arguments (the model's class, config and static attributes
-included), the shape, dtype and placement of every argument, and the static arguments. Anything
-else (no directory set, a model on a mesh) goes through the jitted function as usual.
-``keep(name, parts, build)`` does the same for a plain Python value that is slow to make: the abstract
-model ``from_pretrained`` fills.
-
-A file that cannot be read or loaded (from a killed process, an older format) is compiled and
-written again; files are written whole (a temporary file, then a rename), never half. These programs
-are kept here instead of in JAX's cache, not in both (see ``_load_or_compile``).
+``enable_compilation_cache()`` turns both on. JAX's cache keeps XLA's compiled code, but a new process
+must still trace and lower a function before it can look the code up. ``call(program, *args, **static)``
+keeps the compiled executable itself (``jax.experimental.serialize_executable``), in memory and under
+``<compilation cache>/programs``, keyed by everything the program is built from (this package's source,
+the jax/jaxlib/flax versions, the devices, JAX's settings and ``XLA_FLAGS``, the arguments' structure,
+shapes, dtypes and shardings, the static arguments). Only programs whose arguments all sit on one device
+are kept; the rest go through the jitted function. ``keep(name, parts, build)`` does the same for a
+Python value that is slow to make (the abstract model). bench/CLI_RESULTS.md measures what this adds
+over JAX's cache alone.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -33,16 +29,45 @@ import jax
 import numpy as np
 from jax.experimental.serialize_executable import deserialize_and_load, serialize
 
-# XLA:CPU settings for the programs compiled here: a fifth less compile time (2.0 instead of 2.3-2.6 s for
-# the bundled model's decode program on our 2-core CPU) for the same speed, as their time goes to matrix
-# products, which XLA hands to libraries whatever it optimizes itself.
+from .paths import cache_root
+
+# XLA:CPU settings for the programs compiled here: less compile time for the same speed, as their time
+# goes to matrix products, which XLA hands to libraries whatever it optimizes itself.
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE",
     "xla_backend_optimization_level": 1,
 }
 
+MAX_LOADED = 32  # executables held in memory (each holds its compiled code); the oldest goes first
+
 _directory: str | None = None
-_loaded: dict = {}  # (program, structure, avals, static) -> the compiled executable
+_loaded: collections.OrderedDict = (
+    collections.OrderedDict()
+)  # (program, structure, avals, static) -> executable
+
+
+def enable_compilation_cache(directory: str | None = None) -> str | None:
+    """Keep compiled XLA programs on disk, so a later process (the next CLI call, the next notebook)
+    finds them instead of compiling again: JAX's persistent compilation cache in ``directory`` (default
+    ``cache_root()/xla``, private to the user), and the generation programs kept whole under
+    ``directory/programs`` (``call``), unless ``$LLAMA_JAX_JAX_CACHE_ONLY`` is set.
+
+    Returns the directory, or None when ``$LLAMA_JAX_NO_COMPILATION_CACHE`` is set (to anything but
+    "" or "0"): then nothing is changed. Call it before the first compilation; the CLI does.
+    """
+    if _flag("LLAMA_JAX_NO_COMPILATION_CACHE"):
+        return None
+    directory = os.path.abspath(directory or os.path.join(cache_root(), "xla"))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # every program, however quick to compile: the small ones add up at start-up too
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    enable(None if _flag("LLAMA_JAX_JAX_CACHE_ONLY") else directory)
+    return directory
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
 
 
 def enable(directory: str | None) -> None:
@@ -54,9 +79,11 @@ def enable(directory: str | None) -> None:
 def call(program, *args, **static):
     """``program(*args, **static)`` for a ``jax.jit`` function whose keyword arguments are its static
     ones, run from the executable kept in memory or on disk when there is one."""
-    if _directory is None or static.get("mesh") is not None:
+    if _directory is None:
         return program(*args, **static)
     leaves, structure = jax.tree_util.tree_flatten(args)
+    if not _one_device(leaves):  # a sharded program: its executable is tied to the mesh, so jit keeps it
+        return program(*args, **static)
     # host arrays onto the default device first, like the arrays a program returns, so that a carry
     # made on the host and one returned by the program are the same kind of argument
     leaves = [jax.device_put(leaf) if isinstance(leaf, np.ndarray | np.generic) else leaf for leaf in leaves]
@@ -67,7 +94,42 @@ def call(program, *args, **static):
     if compiled is None:
         compiled = _load_or_compile(program, args, static, structure, avals)
         _loaded[memory_key] = compiled
+        if len(_loaded) > MAX_LOADED:
+            _loaded.popitem(last=False)
+    else:
+        _loaded.move_to_end(memory_key)
     return compiled(*args)
+
+
+def _one_device(leaves) -> bool:
+    """Whether every array argument sits on one and the same device (host values count as the default)."""
+    devices = set()
+    for leaf in leaves:
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None:
+            devices |= sharding.device_set
+    return len(devices) <= 1
+
+
+@contextlib.contextmanager
+def _compiling_outside_jax_cache():
+    """The process-wide switches while ``call`` compiles, put back after: JAX's persistent cache does not
+    store the program, and a hit in it (a program stored by an earlier version) is recorded in the
+    list this yields."""
+    hits = []
+
+    def listen(event, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    minimum = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.monitoring.register_event_listener(listen)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+    try:
+        yield hits
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", minimum)
+        jax.monitoring.unregister_event_listener(listen)
 
 
 def _load_or_compile(program, args, static, structure, avals):
@@ -80,24 +142,12 @@ def _load_or_compile(program, args, static, structure, avals):
             return deserialize_and_load(*pickle.load(f))
     except Exception:  # missing, cut short or from other versions: compile (XLA's cache may still hit)
         pass
-    # An executable that JAX read back from its own persistent cache cannot be serialized again (the
-    # copy would lack its kernels: "Function ... not found" when run, seen with jaxlib 0.10.2 on CPU).
-    # So JAX's cache is kept from storing these programs, and a program it served anyway (stored by
-    # an earlier version) is used but not written here.
-    served_by_jax_cache = []
-
-    def listen(event, **_):
-        if event == "/jax/compilation_cache/cache_hits":
-            served_by_jax_cache.append(event)
-
-    minimum = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.monitoring.register_event_listener(listen)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
-    try:
+    # An executable that JAX read back from its own persistent cache cannot be serialized again: the
+    # copy lacks its kernels ("Function ... not found" when run; jaxlib 0.10.2 to 0.12.0.1 on CPU,
+    # tests/test_programs.py::test_jaxlib_still_cannot_reserialize_a_cached_executable). So JAX's cache
+    # is kept from storing these programs, and one it served anyway is used but not written here.
+    with _compiling_outside_jax_cache() as served_by_jax_cache:
         compiled = program.lower(*args, **static).compile(compiler_options=options)
-    finally:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", minimum)
-        jax.monitoring.unregister_event_listener(listen)
     if not served_by_jax_cache:
         _write(path, serialize(compiled))
     return compiled
@@ -106,7 +156,7 @@ def _load_or_compile(program, args, static, structure, avals):
 def keep(name: str, parts, build):
     """``build()``, kept on disk (pickled) under ``name`` and a key of ``parts`` plus the environment,
     when a directory is set: for what is slow to make and the same in every process, such as the
-    abstract model that ``from_pretrained`` fills (a third of a second of tracing for 30 layers)."""
+    abstract model that ``from_pretrained`` fills."""
     if _directory is None:
         return build()
     key = hashlib.sha256(repr([_environment(), parts]).encode()).hexdigest()

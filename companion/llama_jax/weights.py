@@ -29,13 +29,9 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from . import programs
-from .config import LlamaConfig
+from .config import CheckpointError, LlamaConfig
 from .model import LlamaForCausalLM
 from .sharding import TENSOR_PARALLEL, Rules, partition_specs
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, or does not match its config."""
 
 
 def hf_name(path: tuple) -> str:
@@ -252,28 +248,6 @@ def load_safetensors(
         rules=rules,
         read_slice=lambda n, index: handles[n].get_slice(n)[index],
     )
-
-
-def from_pretrained(
-    path_or_repo_id: str | os.PathLike,
-    dtype=jnp.bfloat16,
-    *,
-    progress: bool | None = None,
-    mesh: Mesh | None = None,
-    rules: Rules = TENSOR_PARALLEL,
-) -> LlamaForCausalLM:
-    """Load a Hugging Face Llama checkpoint: a local directory, or a hub repo id such as
-    ``"meta-llama/Llama-3.2-1B"`` (downloaded with ``huggingface_hub``; the token comes from the
-    ``HF_TOKEN`` environment variable or ``huggingface-cli login``).
-
-    With a ``mesh`` (``llama_jax.make_mesh(batch=..., model=...)``), every parameter is split over its
-    devices by ``rules`` (default ``llama_jax.sharding.TENSOR_PARALLEL``), each device reading only its
-    own block from the files; this works unchanged in every process of a ``jax.distributed`` job."""
-    from .checkpoints import resolve_checkpoint
-
-    directory = resolve_checkpoint(path_or_repo_id)
-    config = LlamaConfig.from_hf(directory)
-    return load_safetensors(directory, config, dtype=dtype, progress=progress, mesh=mesh, rules=rules)
 
 
 def _parse_size(size: int | str) -> int:
