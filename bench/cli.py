@@ -8,7 +8,10 @@ continue "The capital of France is" by 24 tokens and print the text. Measured fr
 waits for it (interpreter start and imports included):
 
 * llama_jax cold: an empty compilation cache (a fresh ``$LLAMA_JAX_CACHE/xla``), so it compiles;
-* llama_jax warm: the same cache again, so the programs come from disk;
+* llama_jax warm: the same cache again, so the programs come from disk, the two generation programs
+  kept whole (``llama_jax.programs``);
+* llama_jax warm with JAX's persistent cache only (``LLAMA_JAX_JAX_CACHE_ONLY=1``, its own cache, filled
+  by one cold run first): what keeping the programs whole adds over JAX's own cache;
 * llama_jax without the cache (``LLAMA_JAX_NO_COMPILATION_CACHE=1``): what every call cost before;
 * the transformers script (``TRANSFORMERS_SCRIPT`` below).
 
@@ -103,7 +106,20 @@ def main(argv=None) -> None:
         entries = len([e for e in os.listdir(xla) if e != "programs"])
         whole = len([e for e in os.listdir(os.path.join(xla, "programs")) if e.startswith("_")])
         warm = [wall(cli, env)[0] for _ in range(args.runs)]
-        rows.append(("llama_jax CLI, warm (programs from the cache)", min(warm)))
+        rows.append(("llama_jax CLI, warm: programs kept whole (and JAX's cache)", min(warm)))
+        jax_only_root = os.path.join(scratch, "jax-cache-only")
+        os.makedirs(jax_only_root)
+        os.symlink(checkpoint, os.path.join(jax_only_root, os.path.basename(checkpoint)))
+        jax_only = {**env, "LLAMA_JAX_CACHE": jax_only_root, "LLAMA_JAX_JAX_CACHE_ONLY": "1"}
+        seconds = wall(cli, jax_only)[0]
+        rows.append(("llama_jax CLI, cold, JAX persistent cache only", seconds))
+        print(f"cold, JAX cache only: {seconds:.1f} s", file=sys.stderr, flush=True)
+        rows.append(
+            (
+                "llama_jax CLI, warm: JAX persistent cache only",
+                min(wall(cli, jax_only)[0] for _ in range(args.runs)),
+            )
+        )
         off = [
             wall(cli, {**env, "LLAMA_JAX_NO_COMPILATION_CACHE": "1"})[0] for _ in range(max(1, args.runs - 2))
         ]

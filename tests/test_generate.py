@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import torch_model
 
 import llama_jax
 from llama_jax import programs
@@ -15,19 +14,6 @@ from llama_jax.generate import _decode, _prefill, prompt_bucket
 generate_module = importlib.import_module("llama_jax.generate")  # llama_jax.generate is the function
 
 CASES = ["llama32_tied", "untied", "smollm2"]
-
-
-@pytest.fixture(scope="module")
-def models(tiny_checkpoints, smollm2_dir):
-    loaded = {}
-
-    def get(case):
-        if case not in loaded:
-            directory = smollm2_dir if case == "smollm2" else tiny_checkpoints[case]
-            loaded[case] = directory, llama_jax.from_pretrained(directory, dtype=jnp.float32, progress=False)
-        return loaded[case]
-
-    return get
 
 
 def prompts_for(case, directory, vocab):
@@ -52,7 +38,7 @@ def test_cached_equals_naive_equals_transformers(models, case, batch):
     naive = llama_jax.generate_naive(model, ids, mask, max_new_tokens=16)
     with torch.no_grad():
         expected = (
-            torch_model(directory)
+            models.reference(case)
             .generate(
                 torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False, max_new_tokens=16
             )[:, ids.shape[1] :]

@@ -1,4 +1,4 @@
-"""The compilation cache: a second process finds the generate programs (plain and streamed) that the first
+"""llama_jax.programs and the compilation cache: a second process finds the generate programs (plain and streamed) that the first
 one compiled, kept whole (``llama_jax.programs``), and neither traces nor compiles them again; JAX's own
 persistent cache keeps the others. Checked with JAX's log lines and the cache directory, never
 timing."""
@@ -152,3 +152,62 @@ def test_default_directory_is_under_the_cache_root(monkeypatch, tmp_path):
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
         programs.enable(kept_before)
+
+
+def test_jax_cache_only_keeps_no_programs_whole(tiny_checkpoints, tmp_path):
+    """``LLAMA_JAX_JAX_CACHE_ONLY=1`` (bench/cli.py's comparison row): JAX's cache stores the generation
+    programs and nothing is kept under ``programs/``."""
+    cache_dir = tmp_path / "xla"
+    run(tiny_checkpoints["untied"], cache_dir, env={"LLAMA_JAX_JAX_CACHE_ONLY": "1"})
+    assert not (cache_dir / "programs").exists()
+    assert [e for e in os.listdir(cache_dir) if e.startswith("jit__prefill")]
+    second = run(tiny_checkpoints["untied"], cache_dir, env={"LLAMA_JAX_JAX_CACHE_ONLY": "1"})
+    assert logged(second, "hit", "_prefill") and logged(second, "hit", "_decode")
+
+
+def test_programs_held_in_memory_are_bounded(tmp_path, monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax import programs
+
+    monkeypatch.setattr(programs, "MAX_LOADED", 2)
+    monkeypatch.setattr(programs, "_directory", str(tmp_path))
+    monkeypatch.setattr(programs, "_loaded", type(programs._loaded)())
+    double = jax.jit(lambda x: 2 * x)
+    double.__name__ = "double"
+    for n in (1, 2, 3, 1):
+        assert (programs.call(double, jnp.ones(n)) == 2).all()
+    assert len(programs._loaded) == 2
+    assert len(os.listdir(tmp_path / "programs")) == 3
+
+
+REUSE_A_CACHED_EXECUTABLE = """
+import sys
+import jax, jax.numpy as jnp
+from jax.experimental.serialize_executable import deserialize_and_load, serialize
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+hits = []
+jax.monitoring.register_event_listener(lambda event, **_: hits.append(event))
+f = lambda x: jnp.sin(x) @ x.T + 1
+x = jnp.ones((8, 8))
+jax.jit(f).lower(x).compile()  # compiled, and stored in JAX's cache
+jax.clear_caches()
+served = jax.jit(f).lower(x).compile()  # served by JAX's cache
+assert "/jax/compilation_cache/cache_hits" in hits
+print(deserialize_and_load(*serialize(served))(x)[0, 0])
+"""
+
+
+def test_jaxlib_still_cannot_reserialize_a_cached_executable(tmp_path):
+    """The jaxlib bug that llama_jax.programs works around (``_compiling_outside_jax_cache``): an
+    executable served from JAX's persistent cache, serialized and loaded again, has lost its kernels.
+    When this test fails, jaxlib has fixed it: the workaround can go."""
+    result = subprocess.run(
+        [sys.executable, "-c", REUSE_A_CACHED_EXECUTABLE, str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "not found" in result.stderr, (
+        "jaxlib now runs a re-serialized cached executable: remove programs._compiling_outside_jax_cache "
+        f"(and keep JAX's cache on while compiling).\n{result.stdout}{result.stderr[-2000:]}"
+    )
