@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
 import jax.numpy as jnp
 import numpy as np
 import pytest

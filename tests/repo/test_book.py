@@ -32,7 +32,7 @@ from packaging.version import Version
 import llama_jax
 from llama_jax.weights import expected_tensors
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 BOOK = ROOT / "book"
 CHAPTERS = sorted(BOOK.glob("[0-9][0-9]_*.md"))
 sys.path.insert(0, str(BOOK / "_ext"))
