@@ -42,8 +42,8 @@ def hf_name(path: tuple) -> str:
 class _OneKey:
     """Stands in for ``nnx.Rngs`` while only shapes are traced: every initializer gets the same key.
 
-    With a real ``nnx.Rngs``, each of the ~200 draws updates a traced counter, and JAX scans the whole
-    trace so far at every update (building an error message it then drops): seconds for 30 layers."""
+    With a real ``nnx.Rngs``, each draw updates a traced counter, and JAX scans the whole trace so far
+    at every update (building an error message it then drops): slow for deep models."""
 
     def params(self) -> jax.Array:
         return jax.random.key(0)
@@ -58,8 +58,7 @@ def _abstract_model(config: LlamaConfig, dtype) -> LlamaForCausalLM:
 @functools.lru_cache(maxsize=16)
 def _abstract_split(config: LlamaConfig, dtype: jnp.dtype):
     """(graphdef, abstract state) of the model, built once per (config, dtype) and process, and kept on
-    disk with the compiled programs when the compilation cache is on (the CLI: a third of a second less
-    at every start)."""
+    disk with the compiled programs when the compilation cache is on (the CLI traces it at no start)."""
 
     def build():
         return nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=_OneKey())))
@@ -79,8 +78,8 @@ def parameter_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 @functools.lru_cache(maxsize=16)
 def _parameters(config: LlamaConfig) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
-    """(Hugging Face name, parameter shape, is a kernel) of every parameter. Cached: building even an
-    abstract model takes seconds for a 30-layer config."""
+    """(Hugging Face name, parameter shape, is a kernel) of every parameter. Cached: even an abstract
+    model is slow to build for a deep config."""
     _, state = _abstract_split(config, jnp.dtype(jnp.float32))
     return tuple(
         (hf_name(path), tuple(variable.get_value().shape), path[-1] == "kernel")
