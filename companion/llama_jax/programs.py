@@ -41,9 +41,8 @@ CPU_COMPILER_OPTIONS = {
 MAX_LOADED = 32  # executables held in memory (each holds its compiled code); the oldest goes first
 
 _directory: str | None = None
-_loaded: collections.OrderedDict = (
-    collections.OrderedDict()
-)  # (program, structure, avals, static) -> executable
+# (program, structure, avals, static) -> executable, least recently used first
+_loaded: collections.OrderedDict = collections.OrderedDict()
 
 
 def enable_compilation_cache(directory: str | None = None) -> str | None:
