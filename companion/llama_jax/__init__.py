@@ -3,6 +3,7 @@
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it from here)
 
 from . import convert, lora, sharding, train
+from .cache import enable_compilation_cache
 from .chat import ChatSession
 from .checkpoints import (
     choose_model,
@@ -15,7 +16,6 @@ from .config import LLAMA_3_2_1B, CheckpointError, ConfigError, LlamaConfig, Rop
 from .generate import DecodeState, Sampling, generate, generate_naive, left_pad
 from .lora import AdapterError, add_lora, load_adapter, merge_lora, save_adapter
 from .model import KVCache, LlamaForCausalLM
-from .programs import enable_compilation_cache
 from .sharding import FSDP, TENSOR_PARALLEL, make_mesh
 from .text import TextStreamer, encode_prompts, generate_text
 from .tokenizer import Tokenizer, load_tokenizer

@@ -20,11 +20,10 @@ import tempfile
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from .cache import cache_root, enable_compilation_cache
 from .config import CheckpointError, LlamaConfig
 from .convert.gguf import from_gguf, tokenizer_from_gguf
 from .model import LlamaForCausalLM
-from .paths import cache_root
-from .programs import enable_compilation_cache
 from .sharding import TENSOR_PARALLEL, Rules
 from .tokenizer import Tokenizer, load_tokenizer
 from .weights import load_safetensors, save_pretrained

@@ -4,10 +4,10 @@
 the cache and samples the first new token, then ``_decode`` runs a ``jax.lax.while_loop`` that feeds
 each new token back, one cache slot at a time, until every row has hit EOS or the budget is spent.
 When streaming, the host calls ``_decode`` for a few steps at a time and hands the tokens on between
-calls: no host callback inside the program, so both programs can be kept on disk, compiled
-(``llama_jax.enable_compilation_cache()``, ``llama_jax.programs``). Host values go in as numpy arrays,
-the empty cache and the random key are made inside the programs: no other program runs, so a new
-process has nothing else to compile or load. Shapes are padded to buckets (prompt
+calls: no host callback inside the program, so JAX's persistent compilation cache can keep both
+(``llama_jax.enable_compilation_cache()``). Host values go in as numpy arrays, and the empty cache and
+the random key are made inside the programs: no other program runs, so a new process has nothing else
+to compile or load. Shapes are padded to buckets (prompt
 length to a power of two from 16, cache length to a multiple of ``CACHE_BUCKET``), so the programs
 compile once per (batch, prompt bucket, cache bucket, sampling mode) and are reused by every later call
 that falls in the same buckets. ``llama_jax.ChatSession`` calls the same two programs on a cache it
@@ -31,7 +31,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import programs
 from .model import KVCache, LlamaForCausalLM
 from .sharding import kv_cache_sharding, mesh_of, split_rows
 
@@ -208,8 +207,8 @@ def prefill_and_decode(
     process would have to load."""
     seed = check_seed(seed)
     eos = np.asarray(eos or (-1,), np.int32)
-    token, done, cache = programs.call(
-        _prefill, model, cache, ids, kv_mask, np.int32(start), seed, eos, sampling=sampling, mesh=mesh
+    token, done, cache = _prefill(
+        model, cache, ids, kv_mask, np.int32(start), seed, eos, sampling=sampling, mesh=mesh
     )
     state = DecodeState(cache, kv_mask, token, done, np.int32(1), np.int32(start + ids.shape[1]))
     tokens = [_host(state.token)[:, None]]
@@ -217,8 +216,7 @@ def prefill_and_decode(
         callback(0, tokens[0][:, 0])
     step, done = 1, _host(state.done)
     while step < max_new_tokens and not done.all() and not (stop is not None and stop()):
-        out, state = programs.call(
-            _decode,
+        out, state = _decode(
             model,
             state,
             max_new_tokens,

@@ -28,7 +28,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
-from . import programs
 from .config import CheckpointError, LlamaConfig
 from .model import LlamaForCausalLM
 from .sharding import TENSOR_PARALLEL, Rules, partition_specs
@@ -57,13 +56,8 @@ def _abstract_model(config: LlamaConfig, dtype) -> LlamaForCausalLM:
 
 @functools.lru_cache(maxsize=16)
 def _abstract_split(config: LlamaConfig, dtype: jnp.dtype):
-    """(graphdef, abstract state) of the model, built once per (config, dtype) and process, and kept on
-    disk with the compiled programs when the compilation cache is on (the CLI traces it at no start)."""
-
-    def build():
-        return nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=_OneKey())))
-
-    return programs.keep("abstract-model", (repr(config), str(dtype)), build)
+    """(graphdef, abstract state) of the model, built once per (config, dtype) and process."""
+    return nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=_OneKey())))
 
 
 def expected_tensors(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
