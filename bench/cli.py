@@ -101,7 +101,7 @@ def main(argv=None) -> None:
         print(f"cold: {seconds:.1f} s", file=sys.stderr, flush=True)
         entries = len(os.listdir(os.path.join(scratch, "xla")))
         warm = [wall(cli, env)[0] for _ in range(args.runs)]
-        rows.append(("llama_jax CLI, warm (programs from the cache)", min(warm)))
+        rows.append(("llama_jax CLI, warm (programs from JAX's persistent cache)", min(warm)))
         off = [
             wall(cli, {**env, "LLAMA_JAX_NO_COMPILATION_CACHE": "1"})[0] for _ in range(max(1, args.runs - 2))
         ]

@@ -41,7 +41,7 @@ def imports(name: str) -> list[tuple[str, str | None, int]]:
             if target.split(".")[0] != "llama_jax":
                 continue
             for alias in node.names:
-                if f"{target}.{alias.name}" in MODULES:  # `from . import programs`: the module itself
+                if f"{target}.{alias.name}" in MODULES:  # `from . import convert`: the module itself
                     found.append((f"{target}.{alias.name}", None, node.lineno))
                 else:
                     found.append((target, alias.name, node.lineno))
