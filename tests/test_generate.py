@@ -88,6 +88,12 @@ def test_top_k_1_equals_greedy(models):
         model, ids, max_new_tokens=16, temperature=1.5, top_k=1, seed=9, eos_token_id=()
     )
     np.testing.assert_array_equal(top1, greedy)
+    sampling = llama_jax.Sampling(temperature=1.5, top_k=1)  # the same, as one value
+    np.testing.assert_array_equal(
+        llama_jax.generate(model, ids, max_new_tokens=16, sampling=sampling, seed=9, eos_token_id=()), greedy
+    )
+    with pytest.raises(ValueError, match="not both"):
+        llama_jax.generate(model, ids, sampling=sampling, temperature=0.5)
 
 
 def test_sample_next_filters():
