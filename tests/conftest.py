@@ -8,16 +8,17 @@ perturbed) so that the logits are O(1) and a wrong norm, head or rotation shows 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
 import llama_jax
+from llama_jax.weights import hf_tensors
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -84,6 +85,9 @@ TINY_CHECKPOINTS = {
 
 def make_tiny_checkpoint(directory, name: str, seed: int = 0) -> str:
     """Write the tiny checkpoint ``name`` (a key of TINY_CHECKPOINTS) into ``directory``."""
+    import torch
+    import transformers
+
     overrides, save_kwargs = TINY_CHECKPOINTS[name]
     config = transformers.LlamaConfig(**{**BASE, **overrides})
     torch.manual_seed(seed)
@@ -109,14 +113,130 @@ def smollm2_dir() -> str:
     return llama_jax.default_checkpoint()
 
 
-def torch_model(directory: str) -> transformers.LlamaForCausalLM:
+def torch_model(directory: str):
     """transformers' reference model, float32, eval mode."""
+    import torch
+    import transformers
+
     return transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
 def torch_logits(model, input_ids, attention_mask=None) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         kwargs = (
             {} if attention_mask is None else {"attention_mask": torch.as_tensor(np.asarray(attention_mask))}
         )
         return model(torch.as_tensor(np.asarray(input_ids)), **kwargs).logits.numpy()
+
+
+class Models:
+    """Models loaded once per test module, by case: a key of TINY_CHECKPOINTS, or "smollm2"."""
+
+    def __init__(self, tiny_checkpoints: dict[str, str], smollm2_dir: str):
+        self.directories = {**tiny_checkpoints, "smollm2": smollm2_dir}
+        self.ours, self.theirs = {}, {}
+
+    def __call__(self, case: str):
+        """(directory, llama_jax model in float32)."""
+        if case not in self.ours:
+            directory = self.directories[case]
+            self.ours[case] = llama_jax.from_pretrained(directory, dtype=jnp.float32, progress=False)
+        return self.directories[case], self.ours[case]
+
+    def reference(self, case: str):
+        """transformers' model of the same checkpoint (``torch_model``)."""
+        if case not in self.theirs:
+            self.theirs[case] = torch_model(self.directories[case])
+        return self.theirs[case]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoints, smollm2_dir) -> Models:
+    return Models(tiny_checkpoints, smollm2_dir)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared by the converters' tests (test_convert_*.py, test_save_pretrained.py)
+
+TOL = 1e-3
+IDS = np.random.RandomState(0).randint(3, 256, (2, 300))  # a few hundred positions: RoPE errors show
+# Meta's own llama3 RoPE values (only the factor is not fixed by Meta's code)
+META_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+
+
+def math_fields(config: llama_jax.LlamaConfig) -> llama_jax.LlamaConfig:
+    """The config without the fields that do not change the logits (special tokens, context length),
+    and with the epsilon rounded to float32 (GGUF stores it so: 1e-5 reads back as 9.99999975e-06)."""
+    return dataclasses.replace(
+        config,
+        bos_token_id=None,
+        eos_token_id=(),
+        pad_token_id=None,
+        max_position_embeddings=0,
+        rms_norm_eps=float(np.float32(config.rms_norm_eps)),
+    )
+
+
+def assert_same_weights(a, b):
+    ta, tb = hf_tensors(a), hf_tensors(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        np.testing.assert_array_equal(ta[name], tb[name], err_msg=name)
+
+
+@pytest.fixture(scope="session")
+def meta_like_dir(tmp_path_factory) -> str:
+    """A tiny tied Hugging Face checkpoint whose RoPE is one Meta's params.json can express (llama3 with
+    Meta's fixed values, factor 8 as for Llama 3.1), written by transformers like conftest's."""
+    import torch
+    import transformers
+
+    directory = tmp_path_factory.mktemp("meta_like")
+    config = transformers.LlamaConfig(
+        **{
+            **BASE,
+            "tie_word_embeddings": True,
+            "rope_parameters": META_ROPE,
+            "max_position_embeddings": 131072,
+        }
+    )
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_checkpoints, meta_like_dir):
+    """name -> (transformers model, its logits on IDS), computed once."""
+    dirs = {**tiny_checkpoints, "meta_like": meta_like_dir}
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = torch_model(dirs[name])
+            cache[name] = (model, torch_logits(model, IDS))
+        return cache[name]
+
+    return get
+
+
+def ours(model, ids=IDS) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(ids)))

@@ -6,28 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import torch_model
 
 import llama_jax
-from llama_jax import programs
 from llama_jax.generate import _decode, _prefill, prompt_bucket
 
 generate_module = importlib.import_module("llama_jax.generate")  # llama_jax.generate is the function
 
 CASES = ["llama32_tied", "untied", "smollm2"]
-
-
-@pytest.fixture(scope="module")
-def models(tiny_checkpoints, smollm2_dir):
-    loaded = {}
-
-    def get(case):
-        if case not in loaded:
-            directory = smollm2_dir if case == "smollm2" else tiny_checkpoints[case]
-            loaded[case] = directory, llama_jax.from_pretrained(directory, dtype=jnp.float32, progress=False)
-        return loaded[case]
-
-    return get
 
 
 def prompts_for(case, directory, vocab):
@@ -52,7 +37,7 @@ def test_cached_equals_naive_equals_transformers(models, case, batch):
     naive = llama_jax.generate_naive(model, ids, mask, max_new_tokens=16)
     with torch.no_grad():
         expected = (
-            torch_model(directory)
+            models.reference(case)
             .generate(
                 torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False, max_new_tokens=16
             )[:, ids.shape[1] :]
@@ -103,6 +88,12 @@ def test_top_k_1_equals_greedy(models):
         model, ids, max_new_tokens=16, temperature=1.5, top_k=1, seed=9, eos_token_id=()
     )
     np.testing.assert_array_equal(top1, greedy)
+    sampling = llama_jax.Sampling(temperature=1.5, top_k=1)  # the same, as one value
+    np.testing.assert_array_equal(
+        llama_jax.generate(model, ids, max_new_tokens=16, sampling=sampling, seed=9, eos_token_id=()), greedy
+    )
+    with pytest.raises(ValueError, match="not both"):
+        llama_jax.generate(model, ids, sampling=sampling, temperature=0.5)
 
 
 def test_sample_next_filters():
@@ -119,8 +110,8 @@ def test_sample_next_filters():
 
 
 def test_one_compile_per_bucket(models):
-    def compiled():  # by jit, or kept by llama_jax.programs once a test enabled the compilation cache
-        return _prefill._cache_size(), _decode._cache_size(), len(programs._loaded)
+    def compiled():
+        return _prefill._cache_size(), _decode._cache_size()
 
     _, model = models("llama32_tied")
     llama_jax.generate(model, np.arange(3, 20)[None], max_new_tokens=8)  # 17 tokens: the 32 bucket

@@ -9,27 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CHECKPOINTS, torch_logits, torch_model
+from conftest import TINY_CHECKPOINTS, torch_logits
 
 import llama_jax
 
 CASES = [*TINY_CHECKPOINTS, "smollm2"]
 TOLERANCE = 1e-3
-
-
-@pytest.fixture(scope="module")
-def models(tiny_checkpoints, smollm2_dir):
-    """case -> (directory, llama_jax model, transformers model), loaded once per case."""
-    loaded = {}
-
-    def get(case):
-        if case not in loaded:
-            directory = smollm2_dir if case == "smollm2" else tiny_checkpoints[case]
-            ours = llama_jax.from_pretrained(directory, dtype=jnp.float32, progress=False)
-            loaded[case] = directory, ours, torch_model(directory)
-        return loaded[case]
-
-    return get
 
 
 def random_ids(vocab, length, seed):
@@ -38,7 +23,8 @@ def random_ids(vocab, length, seed):
 
 @pytest.mark.parametrize("case", CASES)
 def test_all_logits_match_transformers(models, case):
-    _, ours, reference = models(case)
+    _, ours = models(case)
+    reference = models.reference(case)
     ids = random_ids(ours.config.vocab_size, 300, seed=1)[None]
     diff = np.abs(np.asarray(ours(jnp.asarray(ids))) - torch_logits(reference, ids)).max()
     print(f"[{case}] max abs logit diff vs transformers, 300 tokens: {diff:.2e}")
@@ -47,7 +33,8 @@ def test_all_logits_match_transformers(models, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_left_padded_batch_matches_unpadded_runs(models, case):
-    _, ours, reference = models(case)
+    _, ours = models(case)
+    reference = models.reference(case)
     prompts = [random_ids(ours.config.vocab_size, n, seed=n) for n in (9, 23)]
     ids, mask = llama_jax.left_pad(prompts, pad_id=0)
     batched = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
@@ -66,7 +53,8 @@ def test_left_padded_batch_matches_unpadded_runs(models, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_20_tokens_match_transformers_generate(models, case):
-    directory, ours, reference = models(case)
+    directory, ours = models(case)
+    reference = models.reference(case)
     if case == "smollm2":
         tokenizer = llama_jax.load_tokenizer(directory)
         prompt = np.asarray(tokenizer("The capital of France is")["input_ids"], np.int32)

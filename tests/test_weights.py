@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 
-import huggingface_hub
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -88,19 +87,19 @@ def test_config_that_disagrees_with_the_weights(tiny_checkpoints, tmp_path):
 
 
 def test_tied_checkpoint_may_carry_a_head_copy(tiny_checkpoints, tmp_path):
+    """A tied checkpoint that also stores a copy of the embedding as ``lm_head.weight`` loads, with the
+    logits transformers gives. (A copy that differs is not covered: transformers 5.25 then unties the
+    head and uses the copy, where llama_jax keeps the embedding.)"""
+    from conftest import torch_logits, torch_model
+
     directory = copy_checkpoint(tiny_checkpoints["llama32_tied"], tmp_path / "ckpt")
-    rewrite_tensors(directory, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"]}))
-    llama_jax.from_pretrained(directory, progress=False)
-
-
-def test_bad_paths(tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoint directory at /nonexistent"):
-        llama_jax.from_pretrained("/nonexistent")
-    (tmp_path / "model.gguf").write_bytes(b"x")
-    with pytest.raises(CheckpointError, match="is a file"):
-        llama_jax.from_pretrained(tmp_path / "model.gguf")
-    with pytest.raises(llama_jax.ConfigError, match="no config.json"):
-        llama_jax.from_pretrained(tmp_path)
+    rewrite_tensors(directory, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+    model = llama_jax.from_pretrained(directory, dtype=jnp.float32, progress=False)
+    ids = np.arange(3, 40, dtype=np.int32)[None]
+    ours = np.asarray(model(jnp.asarray(ids)))
+    np.testing.assert_allclose(ours, torch_logits(torch_model(directory), ids), atol=1e-4)
+    original = llama_jax.from_pretrained(tiny_checkpoints["llama32_tied"], dtype=jnp.float32, progress=False)
+    np.testing.assert_array_equal(ours, np.asarray(original(jnp.asarray(ids))))
 
 
 def test_no_weight_files(tiny_checkpoints, tmp_path):
@@ -117,103 +116,3 @@ def test_corrupt_safetensors_file(tiny_checkpoints, tmp_path):
         f.write(b"\xff" * 16)
     with pytest.raises(CheckpointError, match="cannot read .*model.safetensors"):
         llama_jax.from_pretrained(directory)
-
-
-def test_hub_repo_id_goes_through_snapshot_download(tiny_checkpoints, monkeypatch):
-    calls = []
-
-    def fake_snapshot_download(repo_id, **kwargs):
-        calls.append((repo_id, kwargs))
-        return tiny_checkpoints["llama32_tied"]
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    model = llama_jax.from_pretrained("meta-llama/Llama-3.2-1B", dtype=jnp.float32, progress=False)
-    assert calls[0][0] == "meta-llama/Llama-3.2-1B"
-    assert "*.safetensors" in calls[0][1]["allow_patterns"]
-    assert model.config.num_hidden_layers == 2
-
-
-@pytest.mark.parametrize(
-    "error, message",
-    [
-        (
-            huggingface_hub.errors.LocalEntryNotFoundError("Connection error"),
-            "could not reach the Hugging Face Hub.*default_checkpoint",
-        ),
-        (OSError("Name or service not known"), "could not reach the Hugging Face Hub"),
-    ],
-)
-def test_unreachable_hub_points_to_the_default_model(monkeypatch, error, message):
-    def fail(repo_id, **kwargs):
-        raise error
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
-    with pytest.raises(CheckpointError, match=message):
-        llama_jax.from_pretrained("meta-llama/Llama-3.2-1B")
-
-
-def test_default_checkpoint_is_built_once_and_reused(smollm2_dir):
-    assert llama_jax.default_checkpoint() == smollm2_dir
-    files = set(os.listdir(smollm2_dir))
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
-    assert not [
-        f for f in os.listdir(os.path.dirname(smollm2_dir)) if f.startswith(".SmolLM2")
-    ]  # no leftovers
-
-
-def test_selected_checkpoint_follows_the_environment(tiny_checkpoints, smollm2_dir, monkeypatch):
-    monkeypatch.delenv("LLAMA_JAX_MODEL", raising=False)
-    assert llama_jax.selected_checkpoint() == smollm2_dir
-    monkeypatch.setenv("LLAMA_JAX_MODEL", tiny_checkpoints["untied"])
-    assert llama_jax.selected_checkpoint() == tiny_checkpoints["untied"]
-
-
-TEXTS = [
-    "The capital of France is",
-    "  leading spaces, trailing spaces  ",
-    "Ünïcödé — ça va? 日本語のテキスト 🙂",
-    "def fibonacci(n):\n\treturn n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
-    "<|im_start|>user\nHi<|im_end|>\n",
-    "don't , isn't . they're ! ",
-]
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [
-        {"role": "system", "content": "You answer briefly."},
-        {"role": "user", "content": "Hi!"},
-        {"role": "assistant", "content": "Hello. How can I help?"},
-        {"role": "user", "content": "Name a prime number."},
-    ],
-]
-
-
-def test_lean_tokenizer_equals_autotokenizer(smollm2_dir):
-    """load_tokenizer skips transformers' import: same ids, decoding, special tokens and chat template."""
-    import transformers
-
-    ours = llama_jax.load_tokenizer(smollm2_dir)
-    theirs = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    assert isinstance(ours, llama_jax.checkpoints.Tokenizer)
-    for name in ("bos_token", "eos_token", "pad_token", "bos_token_id", "eos_token_id", "pad_token_id"):
-        assert getattr(ours, name) == getattr(theirs, name), name
-    assert ours.chat_template == theirs.chat_template and len(ours) == len(theirs)
-    for text in TEXTS:
-        for special in (True, False):
-            assert ours(text, add_special_tokens=special) == dict(theirs(text, add_special_tokens=special))
-        ids = theirs(text)["input_ids"]
-        for skip in (True, False):
-            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
-    np.testing.assert_array_equal(
-        ours(TEXTS[0], return_tensors="np")["input_ids"], theirs(TEXTS[0], return_tensors="np")["input_ids"]
-    )
-    for conversation in CONVERSATIONS:
-        for prompt in (True, False):
-            kwargs = dict(add_generation_prompt=prompt)
-            assert ours.apply_chat_template(conversation, tokenize=False, **kwargs) == (
-                theirs.apply_chat_template(conversation, tokenize=False, **kwargs)
-            )
-            assert ours.apply_chat_template(conversation, **kwargs) == dict(
-                theirs.apply_chat_template(conversation, **kwargs)
-            )
-    # anything else is transformers' own tokenizer for the same files
-    assert ours.convert_ids_to_tokens([1, 2]) == theirs.convert_ids_to_tokens([1, 2])

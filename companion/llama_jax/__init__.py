@@ -7,20 +7,23 @@ from .extras import check_jax_flax
 check_jax_flax()  # before flax is imported: an unsupported pair gets one line, not a deep AttributeError
 
 from . import convert, lora, sharding, train
+from .cache import enable_compilation_cache
 from .chat import ChatSession
 from .checkpoints import (
+    choose_model,
     default_checkpoint,
-    enable_compilation_cache,
-    load_tokenizer,
+    from_pretrained,
     resolve_checkpoint,
     selected_checkpoint,
 )
-from .config import LLAMA_3_2_1B, ConfigError, LlamaConfig, RopeScaling
-from .generate import Sampling, encode_prompts, generate, generate_naive, generate_text, left_pad
+from .config import LLAMA_3_2_1B, CheckpointError, ConfigError, LlamaConfig, RopeScaling
+from .generate import DecodeState, Sampling, generate, generate_naive, left_pad
 from .lora import AdapterError, add_lora, load_adapter, merge_lora, save_adapter
 from .model import KVCache, LlamaForCausalLM
 from .sharding import FSDP, TENSOR_PARALLEL, make_mesh
-from .weights import CheckpointError, from_pretrained, save_pretrained
+from .text import TextStreamer, encode_prompts, generate_text
+from .tokenizer import Tokenizer, load_tokenizer
+from .weights import save_pretrained
 
 __all__ = [
     "FSDP",
@@ -30,12 +33,16 @@ __all__ = [
     "ChatSession",
     "CheckpointError",
     "ConfigError",
+    "DecodeState",
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
     "RopeScaling",
     "Sampling",
+    "TextStreamer",
+    "Tokenizer",
     "add_lora",
+    "choose_model",
     "convert",
     "default_checkpoint",
     "enable_compilation_cache",

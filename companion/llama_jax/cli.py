@@ -3,8 +3,8 @@ command line.
 
 Errors in what the user gave (a missing checkpoint, a broken config, a prompt that is too long) or
 in the installation (a missing optional dependency) print one line, ``error: ...``, and exit with
-status 2; nothing else is caught. Compiled programs are kept on disk (``llama_jax.enable_compilation_cache``:
-the generation programs whole, in ``llama_jax.programs``), so only the first call on a machine compiles;
+status 2; nothing else is caught. Compiled programs are kept on disk (``llama_jax.enable_compilation_cache``,
+JAX's persistent compilation cache), so only the first call on a machine compiles;
 set ``LLAMA_JAX_NO_COMPILATION_CACHE=1`` to turn that off.
 """
 
@@ -87,8 +87,9 @@ def _load(args, mesh=None):
     import jax
     import jax.numpy as jnp
 
-    from .checkpoints import default_checkpoint, enable_compilation_cache, load_tokenizer, resolve_checkpoint
-    from .weights import from_pretrained
+    from .cache import enable_compilation_cache
+    from .checkpoints import default_checkpoint, from_pretrained, resolve_checkpoint
+    from .tokenizer import load_tokenizer
 
     enable_compilation_cache()
     directory = resolve_checkpoint(args.model) if args.model else default_checkpoint()
@@ -104,8 +105,8 @@ def _sampling(args) -> dict:
 
 
 def _generate(args) -> None:
-    from .generate import generate_text
     from .sharding import make_mesh, parse_mesh
+    from .text import generate_text
 
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
     model, tokenizer = _load(args, mesh)

@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A config.json field has a value this package does not support (or is missing)."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not match its config."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama 3's frequency scaling (``rope_type: llama3``); see the RoPE chapter."""

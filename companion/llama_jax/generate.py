@@ -4,10 +4,10 @@
 the cache and samples the first new token, then ``_decode`` runs a ``jax.lax.while_loop`` that feeds
 each new token back, one cache slot at a time, until every row has hit EOS or the budget is spent.
 When streaming, the host calls ``_decode`` for a few steps at a time and hands the tokens on between
-calls: no host callback inside the program, so both programs can be kept on disk, compiled
-(``llama_jax.enable_compilation_cache()``, ``llama_jax.programs``). Host values go in as numpy arrays,
-the empty cache and the random key are made inside the programs: no other program runs, so a new
-process has nothing else to compile or load. Shapes are padded to buckets (prompt
+calls: no host callback inside the program, so JAX's persistent compilation cache can keep both
+(``llama_jax.enable_compilation_cache()``). Host values go in as numpy arrays, and the empty cache and
+the random key are made inside the programs: no other program runs, so a new process has nothing else
+to compile or load. Shapes are padded to buckets (prompt
 length to a power of two from 16, cache length to a multiple of ``CACHE_BUCKET``), so the programs
 compile once per (batch, prompt bucket, cache bucket, sampling mode) and are reused by every later call
 that falls in the same buckets. ``llama_jax.ChatSession`` calls the same two programs on a cache it
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import programs
 from .model import KVCache, LlamaForCausalLM
 from .sharding import kv_cache_sharding, mesh_of, split_rows
 
@@ -105,6 +105,18 @@ def sample_next(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Ar
 # ----------------------------------------------------------------------------- the fast programs
 
 
+class DecodeState(NamedTuple):
+    """What the decode loop carries from one step to the next (a pytree, so the programs take it whole).
+    B is the batch, S the cache's slots."""
+
+    cache: KVCache  # keys and values of every layer, [B, kv_heads, S, head_dim] each
+    kv_mask: jax.Array  # [B, S] bool: which slots hold a real token
+    token: jax.Array  # [B] int32: the last token sampled, fed in at the next step
+    done: jax.Array  # [B] bool: the row has produced an end token
+    step: jax.Array  # int32 scalar: how many new tokens exist
+    slot: jax.Array  # int32 scalar: the cache slot the next token goes to
+
+
 @functools.partial(jax.jit, static_argnames=("sampling", "mesh"), donate_argnames=("cache",))
 def _prefill(model, cache, input_ids, kv_mask, start, seed, eos_ids, *, sampling, mesh):
     """Writes ``input_ids`` [B, T] into cache slots ``start .. start + T - 1`` (``kv_mask`` [B, S] already
@@ -112,8 +124,8 @@ def _prefill(model, cache, input_ids, kv_mask, start, seed, eos_ids, *, sampling
     ``cache=None`` starts from an empty cache of S slots, made here rather than by a program of its own.
 
     The model goes in as it is: an NNX module is a pytree (its arrays are the leaves, its structure
-    the static part), which ``jax.jit`` flattens in about a millisecond, where ``nnx.split`` would
-    walk the module's object graph for tens of milliseconds on every call."""
+    the static part), which ``jax.jit`` flattens far faster than ``nnx.split`` walks the module's
+    object graph on every call."""
     if cache is None:
         dtype = model.model.embed_tokens.embedding[...].dtype
         cache = KVCache.zeros(model.config, input_ids.shape[0], kv_mask.shape[1], dtype)
@@ -126,35 +138,33 @@ def _prefill(model, cache, input_ids, kv_mask, start, seed, eos_ids, *, sampling
     return _replicated(mesh, token), _replicated(mesh, jnp.isin(token, eos_ids)), cache
 
 
-@functools.partial(jax.jit, static_argnames=("sampling", "steps", "mesh"), donate_argnames=("carry",))
-def _decode(model, carry, max_new_tokens, seed, eos_ids, pad_id, *, sampling, steps, mesh):
-    """Up to ``steps`` decode steps in a ``while_loop``. ``carry`` is (cache, kv_mask [B, S], token [B],
-    done [B], step, slot): feed ``token`` into cache slot ``slot``, sample the next one, repeat, until
-    ``max_new_tokens`` tokens exist (``step`` counts them) or every row is done; a row that is done gets
-    ``pad_id``. Returns the new tokens [B, steps] (pad past the last step run) and the next carry."""
-    batch = carry[2].shape[0]
+@functools.partial(jax.jit, static_argnames=("sampling", "steps", "mesh"), donate_argnames=("state",))
+def _decode(model, state: DecodeState, max_new_tokens, seed, eos_ids, pad_id, *, sampling, steps, mesh):
+    """Up to ``steps`` decode steps in a ``while_loop``: feed ``state.token`` into cache slot
+    ``state.slot``, sample the next one, repeat, until ``max_new_tokens`` tokens exist or every row is
+    done; a row that is done gets ``pad_id``. Returns the new tokens [B, steps] (pad past the last step
+    run) and the next state."""
+    batch = state.token.shape[0]
     key = jax.random.key(seed)
 
     def keep_going(loop):
-        i, (_, _, _, done, step, _), _ = loop
-        return (i < steps) & (step < max_new_tokens) & ~jnp.all(done)
+        i, s, _ = loop
+        return (i < steps) & (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def decode_one(loop):
-        i, (cache, kv_mask, token, done, step, slot), out = loop
-        kv_mask = jax.lax.dynamic_update_slice_in_dim(kv_mask, jnp.ones((batch, 1), bool), slot, axis=1)
-        hidden, cache = model.model(token[:, None], kv_mask, cache, slot)
-        token = sample_next(model.logits(hidden[:, 0]), jax.random.fold_in(key, step), sampling)
-        token = jnp.where(done, pad_id, token)
-        done = done | jnp.isin(token, eos_ids)
+        i, s, out = loop
+        kv_mask = jax.lax.dynamic_update_slice_in_dim(s.kv_mask, jnp.ones((batch, 1), bool), s.slot, axis=1)
+        hidden, cache = model.model(s.token[:, None], kv_mask, s.cache, s.slot)
+        token = sample_next(model.logits(hidden[:, 0]), jax.random.fold_in(key, s.step), sampling)
+        token = jnp.where(s.done, pad_id, token)
+        done = s.done | jnp.isin(token, eos_ids)
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
-        return i + 1, (cache, kv_mask, token, done, step + 1, slot + 1), out
+        return i + 1, DecodeState(cache, kv_mask, token, done, s.step + 1, s.slot + 1), out
 
     out = jnp.full((batch, steps), pad_id, jnp.int32)
-    _, (cache, kv_mask, token, done, step, slot), out = jax.lax.while_loop(
-        keep_going, decode_one, (jnp.int32(0), carry, out)
-    )
-    token, done, out = (_replicated(mesh, a) for a in (token, done, out))
-    return out, (cache, kv_mask, token, done, step, slot)
+    _, state, out = jax.lax.while_loop(keep_going, decode_one, (jnp.int32(0), state, out))
+    token, done, out = (_replicated(mesh, a) for a in (state.token, state.done, out))
+    return out, state._replace(token=token, done=done)
 
 
 def _replicated(mesh: Mesh | None, x: jax.Array) -> jax.Array:
@@ -168,7 +178,7 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.array(x.addressable_data(0))
 
 
-def _prefill_and_decode(
+def prefill_and_decode(
     model,
     cache,
     ids,
@@ -190,26 +200,25 @@ def _prefill_and_decode(
     S slots) and samples the first token; then the host calls ``_decode`` for ``steps`` steps at a time
     until ``max_new_tokens`` tokens exist, every row is done, or ``stop()`` says so, handing each step's
     tokens [B] to ``callback(step, tokens)`` between calls (streaming). Returns (tokens [B, n], the
-    last carry, whose cache holds every new token but the last).
+    last ``DecodeState``, whose cache holds every new token but the last).
 
     Host values go in as numpy (``kv_mask`` too: pass a copy if you change yours afterwards):
     ``jnp.asarray`` and ``jax.random.key`` would each be a small program of its own, which a new
     process would have to load."""
-    seed = _seed(seed)
+    seed = check_seed(seed)
     eos = np.asarray(eos or (-1,), np.int32)
-    token, done, cache = programs.call(
-        _prefill, model, cache, ids, kv_mask, np.int32(start), seed, eos, sampling=sampling, mesh=mesh
+    token, done, cache = _prefill(
+        model, cache, ids, kv_mask, np.int32(start), seed, eos, sampling=sampling, mesh=mesh
     )
-    carry = (cache, kv_mask, token, done, np.int32(1), np.int32(start + ids.shape[1]))
-    tokens = [_host(carry[2])[:, None]]
+    state = DecodeState(cache, kv_mask, token, done, np.int32(1), np.int32(start + ids.shape[1]))
+    tokens = [_host(state.token)[:, None]]
     if callback is not None:
         callback(0, tokens[0][:, 0])
-    step, done = 1, _host(carry[3])
+    step, done = 1, _host(state.done)
     while step < max_new_tokens and not done.all() and not (stop is not None and stop()):
-        out, carry = programs.call(
-            _decode,
+        out, state = _decode(
             model,
-            carry,
+            state,
             max_new_tokens,
             seed,
             eos,
@@ -218,13 +227,21 @@ def _prefill_and_decode(
             steps=steps,
             mesh=mesh,
         )
-        ran = int(_host(carry[4])) - step
+        ran = int(_host(state.step)) - step
         block = _host(out)[:, :ran]
         for i in range(ran if callback is not None else 0):
             callback(step + i, block[:, i])
         tokens.append(block)
-        step, done = step + ran, _host(carry[3])
-    return np.concatenate(tokens, axis=1), carry
+        step, done = step + ran, _host(state.done)
+    return np.concatenate(tokens, axis=1), state
+
+
+def _sampling(sampling: Sampling | None, temperature: float, top_k, top_p) -> Sampling:
+    if sampling is None:
+        return Sampling(temperature, top_k, top_p)
+    if (temperature, top_k, top_p) != (0.0, None, None):
+        raise ValueError("pass sampling= or temperature/top_k/top_p, not both")
+    return sampling
 
 
 def _check_inputs(model: LlamaForCausalLM, input_ids, attention_mask, max_new_tokens: int):
@@ -262,20 +279,22 @@ def _check_inputs(model: LlamaForCausalLM, input_ids, attention_mask, max_new_to
     return ids.astype(np.int32), mask.astype(np.int32)
 
 
-def _seed(seed: int) -> np.uint32:
+def check_seed(seed: int) -> np.uint32:
     """The sampling seed as the programs take it (``jax.random.key(seed)`` is made inside them)."""
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     return np.uint32(seed)
 
 
-def _eos_ids(model: LlamaForCausalLM, eos_token_id) -> tuple[int, ...]:
+def eos_token_ids(model: LlamaForCausalLM, eos_token_id=None) -> tuple[int, ...]:
+    """The ids that end a row: ``eos_token_id`` (an id or several; ``()`` for none), else the config's."""
     if eos_token_id is None:
         return tuple(model.config.eos_token_id)
     return (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
 
 
-def _pad_id(model: LlamaForCausalLM, eos: tuple[int, ...]) -> int:
+def pad_token_id(model: LlamaForCausalLM, eos: tuple[int, ...]) -> int:
+    """The id that fills a row after its end: the config's ``pad_token_id``, else the first end id."""
     if model.config.pad_token_id is not None:
         return model.config.pad_token_id
     return eos[0] if eos else 0
@@ -290,6 +309,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    sampling: Sampling | None = None,
     seed: int = 0,
     eos_token_id: int | Sequence[int] | None = None,
     callback: Callable[[int, np.ndarray], None] | None = None,
@@ -299,7 +319,8 @@ def generate(
     Returns the new token ids, ``[batch, max_new_tokens]`` int32. A row stops at its first EOS token
     (``eos_token_id``, default: the config's; pass ``()`` to never stop) and the rest of the row is
     filled with the pad id (the config's ``pad_token_id``, else the first EOS id). Greedy unless
-    ``temperature > 0``; sampling is reproducible for a given ``seed``. ``callback(step, tokens)`` is
+    ``temperature > 0`` (or pass ``sampling=Sampling(...)`` instead of the three); sampling is
+    reproducible for a given ``seed``. ``callback(step, tokens)`` is
     called with each step's tokens ``[batch]``, in order, as they are produced (for streaming: the
     decode program then runs ``STREAM_STEPS`` steps per call and the host hands them on between calls).
 
@@ -309,9 +330,9 @@ def generate(
     this with the same prompts and gets the same tokens.
     """
     ids, mask = _check_inputs(model, input_ids, attention_mask, max_new_tokens)
-    sampling = Sampling(temperature, top_k, top_p)
-    eos = _eos_ids(model, eos_token_id)
-    pad_id = _pad_id(model, eos)
+    sampling = _sampling(sampling, temperature, top_k, top_p)
+    eos = eos_token_ids(model, eos_token_id)
+    pad_id = pad_token_id(model, eos)
     batch, prompt_len = ids.shape
     bucket = prompt_bucket(prompt_len)  # extra left padding changes nothing (masked)
     ids = np.pad(ids, ((0, 0), (bucket - prompt_len, 0)), constant_values=pad_id)
@@ -324,7 +345,7 @@ def generate(
         ids, kv_mask = split_rows(
             mesh, *(np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) for a in (ids, kv_mask))
         )
-    tokens, _ = _prefill_and_decode(
+    tokens, _ = prefill_and_decode(
         model,
         None,  # an empty cache, made by the program
         ids,
@@ -368,8 +389,8 @@ def generate_naive(
     O(n) forward passes over n tokens each: what the KV cache removes. Same output as ``generate``.
     """
     ids, mask = _check_inputs(model, input_ids, attention_mask, max_new_tokens)
-    eos = _eos_ids(model, eos_token_id)
-    pad_id = _pad_id(model, eos)
+    eos = eos_token_ids(model, eos_token_id)
+    pad_id = pad_token_id(model, eos)
     batch, prompt_len = ids.shape
     buffer = np.concatenate([ids, np.full((batch, max_new_tokens), pad_id, np.int32)], axis=1)
     full_mask = np.concatenate([mask, np.ones((batch, max_new_tokens), np.int32)], axis=1)
@@ -383,93 +404,3 @@ def generate_naive(
         if done.all():
             break
     return buffer[:, prompt_len:]
-
-
-# ---------------------------------------------------------------------------------- text in, text out
-
-
-def encode_prompts(tokenizer, prompts, *, chat: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Strings (or, with ``chat=True``, strings as user messages or lists of message dicts) ->
-    left-padded (ids, attention_mask). Chat prompts go through the tokenizer's chat template, which
-    already contains the special tokens it needs."""
-    if chat:
-        conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
-        texts = [
-            tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-            for c in conversations
-        ]
-    else:
-        texts = list(prompts)
-    encoded = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
-    for text, ids in zip(texts, encoded, strict=True):
-        if not ids:
-            raise ValueError(f"prompt {text!r} has no tokens")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return left_pad(encoded, pad_id)
-
-
-def generate_text(
-    model: LlamaForCausalLM,
-    tokenizer,
-    prompts,
-    *,
-    chat: bool = False,
-    max_new_tokens: int = 64,
-    stream: Callable[[str], None] | None = None,
-    **sampling,
-):
-    """Generate from text: one prompt (a string, or with ``chat=True`` a list of message dicts) gives a
-    string, a list of prompts gives a list of strings. ``stream(piece)`` receives the text as it is
-    produced (one prompt only). Sampling keywords are those of ``generate``."""
-    single = isinstance(prompts, str) or (chat and len(prompts) > 0 and isinstance(prompts[0], dict))
-    batch = [prompts] if single else list(prompts)
-    if stream is not None and len(batch) != 1:
-        raise ValueError("stream works with one prompt at a time")
-    ids, mask = encode_prompts(tokenizer, batch, chat=chat)
-    eos = _text_eos(model, tokenizer, sampling.pop("eos_token_id", None))
-    callback = None
-    if stream is not None:
-        callback = _TextStreamer(tokenizer, eos, stream)
-    tokens = generate(
-        model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, callback=callback, **sampling
-    )
-    texts = [tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True) for row in tokens]
-    return texts[0] if single else texts
-
-
-def _text_eos(model: LlamaForCausalLM, tokenizer, eos_token_id=None) -> tuple[int, ...]:
-    """The model's EOS ids (or ``eos_token_id``) plus the tokenizer's: instruct models end their turn
-    with their own token."""
-    eos = _eos_ids(model, eos_token_id)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos = (*eos, tokenizer.eos_token_id)
-    return eos
-
-
-def _until_eos(row: np.ndarray, eos: tuple[int, ...]) -> list[int]:
-    tokens = []
-    for token in row.tolist():
-        if token in eos:
-            break
-        tokens.append(token)
-    return tokens
-
-
-class _TextStreamer:
-    """Turns streamed token ids into text pieces (decoding the whole row each time, so that characters
-    spread over several tokens come out whole)."""
-
-    def __init__(self, tokenizer, eos, sink):
-        self.tokenizer, self.eos, self.sink = tokenizer, eos, sink
-        self.tokens, self.text, self.finished = [], "", False
-
-    def __call__(self, step, tokens):
-        token = int(tokens[0])
-        if self.finished or token in self.eos:
-            self.finished = True
-            return
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            self.sink(text[len(self.text) :])
-            self.text = text

@@ -28,14 +28,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
-from . import programs
-from .config import LlamaConfig
+from .config import CheckpointError, LlamaConfig
 from .model import LlamaForCausalLM
 from .sharding import TENSOR_PARALLEL, Rules, partition_specs
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, or does not match its config."""
 
 
 def hf_name(path: tuple) -> str:
@@ -46,8 +41,8 @@ def hf_name(path: tuple) -> str:
 class _OneKey:
     """Stands in for ``nnx.Rngs`` while only shapes are traced: every initializer gets the same key.
 
-    With a real ``nnx.Rngs``, each of the ~200 draws updates a traced counter, and JAX scans the whole
-    trace so far at every update (building an error message it then drops): seconds for 30 layers."""
+    With a real ``nnx.Rngs``, each draw updates a traced counter, and JAX scans the whole trace so far
+    at every update (building an error message it then drops): slow for deep models."""
 
     def params(self) -> jax.Array:
         return jax.random.key(0)
@@ -61,14 +56,8 @@ def _abstract_model(config: LlamaConfig, dtype) -> LlamaForCausalLM:
 
 @functools.lru_cache(maxsize=16)
 def _abstract_split(config: LlamaConfig, dtype: jnp.dtype):
-    """(graphdef, abstract state) of the model, built once per (config, dtype) and process, and kept on
-    disk with the compiled programs when the compilation cache is on (the CLI: a third of a second less
-    at every start)."""
-
-    def build():
-        return nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=_OneKey())))
-
-    return programs.keep("abstract-model", (repr(config), str(dtype)), build)
+    """(graphdef, abstract state) of the model, built once per (config, dtype) and process."""
+    return nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=_OneKey())))
 
 
 def expected_tensors(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -83,8 +72,8 @@ def parameter_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 @functools.lru_cache(maxsize=16)
 def _parameters(config: LlamaConfig) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
-    """(Hugging Face name, parameter shape, is a kernel) of every parameter. Cached: building even an
-    abstract model takes seconds for a 30-layer config."""
+    """(Hugging Face name, parameter shape, is a kernel) of every parameter. Cached: even an abstract
+    model is slow to build for a deep config."""
     _, state = _abstract_split(config, jnp.dtype(jnp.float32))
     return tuple(
         (hf_name(path), tuple(variable.get_value().shape), path[-1] == "kernel")
@@ -252,28 +241,6 @@ def load_safetensors(
         rules=rules,
         read_slice=lambda n, index: handles[n].get_slice(n)[index],
     )
-
-
-def from_pretrained(
-    path_or_repo_id: str | os.PathLike,
-    dtype=jnp.bfloat16,
-    *,
-    progress: bool | None = None,
-    mesh: Mesh | None = None,
-    rules: Rules = TENSOR_PARALLEL,
-) -> LlamaForCausalLM:
-    """Load a Hugging Face Llama checkpoint: a local directory, or a hub repo id such as
-    ``"meta-llama/Llama-3.2-1B"`` (downloaded with ``huggingface_hub``; the token comes from the
-    ``HF_TOKEN`` environment variable or ``huggingface-cli login``).
-
-    With a ``mesh`` (``llama_jax.make_mesh(batch=..., model=...)``), every parameter is split over its
-    devices by ``rules`` (default ``llama_jax.sharding.TENSOR_PARALLEL``), each device reading only its
-    own block from the files; this works unchanged in every process of a ``jax.distributed`` job."""
-    from .checkpoints import resolve_checkpoint
-
-    directory = resolve_checkpoint(path_or_repo_id)
-    config = LlamaConfig.from_hf(directory)
-    return load_safetensors(directory, config, dtype=dtype, progress=progress, mesh=mesh, rules=rules)
 
 
 def _parse_size(size: int | str) -> int:

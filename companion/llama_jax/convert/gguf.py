@@ -21,12 +21,12 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ConfigError, LlamaConfig, RopeScaling
+from ..config import CheckpointError, ConfigError, LlamaConfig, RopeScaling
 from ..extras import import_transformers
 from ..model import LlamaForCausalLM
 from ..rope import default_inverse_frequencies, llama3_scale_frequencies
 from ..sharding import TENSOR_PARALLEL
-from ..weights import CheckpointError, model_from_tensors
+from ..weights import model_from_tensors
 from .meta import unpermute_qk
 
 _TOP_NAMES = {

@@ -38,10 +38,10 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ConfigError, LlamaConfig, RopeScaling
+from ..config import CheckpointError, ConfigError, LlamaConfig, RopeScaling
 from ..model import LlamaForCausalLM
 from ..sharding import TENSOR_PARALLEL
-from ..weights import CheckpointError, model_from_tensors
+from ..weights import model_from_tensors
 
 _LAYER = re.compile(r"^transformer_layer_(\d+)/(.+)$")
 # Keras path inside a layer -> (Hugging Face name inside the layer, Keras kernel rank)

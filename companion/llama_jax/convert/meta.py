@@ -24,11 +24,11 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ConfigError, LlamaConfig, RopeScaling
+from ..config import CheckpointError, ConfigError, LlamaConfig, RopeScaling
 from ..extras import import_torch
 from ..model import LlamaForCausalLM
 from ..sharding import TENSOR_PARALLEL
-from ..weights import CheckpointError, hf_tensors, model_from_tensors
+from ..weights import hf_tensors, model_from_tensors
 
 # Meta name -> Hugging Face name; "{i}" is the layer index.
 _LAYER_NAMES = {

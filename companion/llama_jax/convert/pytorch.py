@@ -12,11 +12,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import LlamaConfig
+from ..config import CheckpointError, LlamaConfig
 from ..extras import import_torch
 from ..model import LlamaForCausalLM
 from ..sharding import TENSOR_PARALLEL
-from ..weights import CheckpointError, model_from_tensors
+from ..weights import model_from_tensors
 
 
 def _config(config: Any) -> LlamaConfig:

@@ -19,7 +19,7 @@ from packaging.version import Version
 
 from llama_jax.extras import JAX_FLAX_PAIRS, check_jax_flax
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "companion" / "pyproject.toml").read_text())["project"]
 INSTALL_CELL = next(
     c.source for c in jupytext.read(ROOT / "book" / "00_introduction.md").cells if c.cell_type == "code"
