@@ -7,6 +7,7 @@ from .chat import ChatSession
 from .checkpoints import (
     default_checkpoint,
     enable_compilation_cache,
+    hub_id,
     load_tokenizer,
     resolve_checkpoint,
     selected_checkpoint,
@@ -40,6 +41,7 @@ __all__ = [
     "generate",
     "generate_naive",
     "generate_text",
+    "hub_id",
     "left_pad",
     "load_adapter",
     "load_tokenizer",
