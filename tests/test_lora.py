@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -124,7 +125,8 @@ def test_llama_jax_adapter_loads_in_peft(checkpoint, tmp_path):
         module.lora_b.set_value(
             jnp.asarray(rng.normal(0, 0.05, module.lora_b.get_value().shape), jnp.float32)
         )
-    directory = llama_jax.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=checkpoint)
+    with pytest.warns(UserWarning, match="local directory, so the adapter loads only on this machine"):
+        directory = llama_jax.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=checkpoint)
     config = json.load(open(os.path.join(directory, "adapter_config.json")))
     assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"] and config["r"] == RANK
     loaded = peft.PeftModel.from_pretrained(torch_model(checkpoint), directory).eval()
@@ -137,6 +139,38 @@ def test_llama_jax_adapter_loads_in_peft(checkpoint, tmp_path):
     np.testing.assert_array_equal(ours(again), ours(model))
 
 
+def test_adapter_names_its_base_model_by_hub_id(checkpoint, tmp_path):
+    """adapter_config.json's base_model_name_or_path, what peft's AutoPeftModel and the Hub load, is the
+    hub id given; a local directory or none is written as given, with a warning."""
+    model = llama_jax.add_lora(
+        llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False),
+        rank=RANK,
+        targets=("q_proj",),
+    )
+    hub = "meta-llama/Llama-3.2-1B"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a hub id is what is asked for: no warning
+        directory = llama_jax.save_adapter(model, tmp_path / "hub", base_model_name_or_path=hub)
+    assert peft.PeftConfig.from_pretrained(directory).base_model_name_or_path == hub
+    with pytest.warns(UserWarning, match="local directory, so the adapter loads only on this machine"):
+        local = llama_jax.save_adapter(model, tmp_path / "local", base_model_name_or_path=checkpoint)
+    assert peft.PeftConfig.from_pretrained(local).base_model_name_or_path == str(checkpoint)
+    with pytest.warns(UserWarning, match="no base_model_name_or_path"):
+        none = llama_jax.save_adapter(model, tmp_path / "none")
+    assert json.load(open(os.path.join(none, "adapter_config.json")))["base_model_name_or_path"] is None
+
+
+def test_hub_id(tmp_path):
+    """llama_jax.hub_id: a repo id as given, a hub cache snapshot's id, the bundled model's source."""
+    assert llama_jax.hub_id("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
+    assert llama_jax.hub_id(llama_jax.default_checkpoint()) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    snapshot = tmp_path / "hub" / "models--meta-llama--Llama-3.2-1B" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    assert llama_jax.hub_id(snapshot) == "meta-llama/Llama-3.2-1B"
+    assert llama_jax.hub_id(tmp_path) is None  # a directory of one's own: no id
+    assert llama_jax.hub_id("not/a/repo") is None
+
+
 def test_errors_are_one_line(checkpoint, peft_adapter, tiny_checkpoints, tmp_path):
     base = llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False)
     with pytest.raises(ConfigError, match=r"LoRA rank must be >= 1, got 0"):
@@ -144,7 +178,7 @@ def test_errors_are_one_line(checkpoint, peft_adapter, tiny_checkpoints, tmp_pat
     with pytest.raises(ConfigError, match=r"LoRA targets \['qkv_proj'\] match no layer"):
         llama_jax.add_lora(base, targets=("qkv_proj",))
     with pytest.raises(AdapterError, match="the model has no LoRA adapters"):
-        llama_jax.save_adapter(base, tmp_path / "none")
+        llama_jax.save_adapter(base, tmp_path / "none", base_model_name_or_path="meta-llama/Llama-3.2-1B")
     with pytest.raises(AdapterError, match="adapter_config.json is missing"):
         llama_jax.load_adapter(base, tmp_path)
     # an adapter for another base model: the shapes do not fit, and the error names the tensor

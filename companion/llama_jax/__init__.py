@@ -13,6 +13,7 @@ from .checkpoints import (
     choose_model,
     default_checkpoint,
     from_pretrained,
+    hub_id,
     resolve_checkpoint,
     selected_checkpoint,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "generate",
     "generate_naive",
     "generate_text",
+    "hub_id",
     "left_pad",
     "load_adapter",
     "load_tokenizer",

@@ -13,14 +13,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import shutil
 import tempfile
 
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from .cache import cache_root, enable_compilation_cache
+from .cache import DEFAULT_MODEL_NAME, REPO_ID, cache_root, enable_compilation_cache, hub_id
 from .config import CheckpointError, LlamaConfig
 from .convert.gguf import from_gguf, tokenizer_from_gguf
 from .model import LlamaForCausalLM
@@ -39,16 +38,15 @@ __all__ = [
     "default_checkpoint",
     "enable_compilation_cache",
     "from_pretrained",
+    "hub_id",
     "load_tokenizer",
     "notebook_secret",
     "resolve_checkpoint",
     "selected_checkpoint",
 ]
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_MODEL = "meta-llama/Llama-3.2-1B"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def bundled_gguf_path() -> str:
@@ -118,7 +116,7 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> str:
         raise CheckpointError(
             f"{name} is a file; pass the directory that holds config.json and the *.safetensors files"
         )
-    if not _REPO_ID.match(name):
+    if not REPO_ID.match(name):
         raise CheckpointError(f"no checkpoint directory at {name}")
     return _download(name)
 

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -31,6 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .cache import hub_id
 from .config import ConfigError
 from .model import LlamaForCausalLM
 from .sharding import mesh_of
@@ -157,17 +159,39 @@ def save_adapter(
     model: LlamaForCausalLM,
     directory: str | os.PathLike,
     *,
-    base_model_name_or_path: str | None = None,
+    base_model_name_or_path: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> str:
     """Write the adapters as peft does (``adapter_config.json`` + ``adapter_model.safetensors``), so that
     ``peft.PeftModel.from_pretrained(transformers_model, directory)`` loads them. Written into a temporary
-    directory and renamed into place; an existing non-empty ``directory`` is refused unless ``overwrite``."""
+    directory and renamed into place; an existing non-empty ``directory`` is refused unless ``overwrite``.
+
+    ``base_model_name_or_path`` is written to ``adapter_config.json``, where peft's
+    ``AutoPeftModelForCausalLM`` and the Hugging Face Hub look for the base model: give the base model's
+    hub id (``"meta-llama/Llama-3.2-1B"``; ``llama_jax.hub_id(checkpoint)`` finds it for a downloaded or
+    the bundled checkpoint). A local directory is written as given, with a warning, since an adapter
+    that names one loads only on this machine; None (no base named) warns too."""
     from safetensors.numpy import save_file
 
     adapters = _adapters(model)
     if not adapters:
         raise AdapterError("the model has no LoRA adapters: add_lora(model, ...) first")
+    if base_model_name_or_path is None:
+        warnings.warn(
+            "save_adapter: no base_model_name_or_path, so peft's AutoPeftModelForCausalLM cannot find the "
+            "base model; pass its hub id, e.g. base_model_name_or_path='meta-llama/Llama-3.2-1B'",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif os.path.isdir(os.path.expanduser(os.fspath(base_model_name_or_path))):
+        known = hub_id(base_model_name_or_path)
+        warnings.warn(
+            f"save_adapter: base_model_name_or_path={os.fspath(base_model_name_or_path)!r} is a local "
+            "directory, so the adapter loads only on this machine; pass the base model's hub id"
+            + (f" ({known!r} for this one)" if known else ""),
+            UserWarning,
+            stacklevel=2,
+        )
     ranks_alphas = {(m.rank, m.alpha) for _, m in adapters}
     if len(ranks_alphas) > 1:
         raise AdapterError(
@@ -194,7 +218,9 @@ def save_adapter(
         "use_rslora": False,
         "use_dora": False,
         "inference_mode": True,
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": None
+        if base_model_name_or_path is None
+        else os.fspath(base_model_name_or_path),
         "modules_to_save": None,
     }
     target = os.path.abspath(os.fspath(directory))

@@ -352,6 +352,32 @@ def test_notation_letters_have_llama_3_2_1b_values():
     assert checked >= 7
 
 
+def test_notation_lora_and_mesh_axes_are_the_packages():
+    """The notation page's LoRA shapes are those of llama_jax.lora.LoRALinear (and their transposes
+    peft's), and its mesh axes are llama_jax.make_mesh's."""
+    import jax
+    from flax import nnx
+
+    symbols = {row[0]: row[1] for row in markdown_table("| symbol |")}
+    in_features, out_features, rank = 5, 7, 3
+    sizes = {"in": in_features, "out": out_features, "r": rank}
+    adapter = llama_jax.lora.LoRALinear(
+        nnx.Linear(in_features, out_features, use_bias=False, rngs=nnx.Rngs(0)),
+        rank,
+        2 * rank,
+        key=jax.random.key(0),
+    )
+    for letter, variable, peft_name in (("A", adapter.lora_a, "lora_A"), ("B", adapter.lora_b, "lora_B")):
+        ours, peft_shape = re.findall(r"\(([^)]*,[^)]*)\)", symbols[letter])  # the two shapes
+        shape = tuple(sizes[d.strip()] for d in ours.split(","))
+        assert shape == variable.get_value().shape, (letter, ours)
+        assert tuple(sizes[d.strip()] for d in peft_shape.split(",")) == shape[::-1], (letter, peft_shape)
+        assert peft_name in symbols[letter]
+    assert "r" in symbols and "\\alpha" in symbols
+    axes = tuple(row[0].strip('"') for row in markdown_table("| axis |"))
+    assert axes == tuple(llama_jax.make_mesh().axis_names) == ("batch", "model")
+
+
 def test_notation_weight_names_are_the_converters():
     """Each row names one tensor as Meta, GGUF and Keras Hub do, in llama_jax.convert's mappings,
     with Hugging Face's shape; together the rows are every tensor of an untied model."""
