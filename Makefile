@@ -30,7 +30,7 @@ generate: $(STAMP)
 
 # One formatter and linter (settings in pyproject.toml): seconds, so it runs first.
 # The chapters' code is checked at the book's width, 79 columns, in their .ipynb pairs (which hold
-# the .md's cells: tests/test_book.py::test_pair_in_sync), formatted cell by cell as ruff does notebooks.
+# the .md's cells: tests/repo/test_book.py::test_pair_in_sync), formatted cell by cell as ruff does notebooks.
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check companion tests bench
 	$(VENV)/bin/ruff check companion tests bench

