@@ -1,6 +1,6 @@
 """llama_jax: Llama 3.x from Hugging Face checkpoints to JAX/Flax NNX (the book's companion package)."""
 
-__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it from here)
+__version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it from here)
 
 from .extras import check_jax_flax
 

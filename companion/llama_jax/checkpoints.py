@@ -27,7 +27,7 @@ from .sharding import TENSOR_PARALLEL, Rules
 from .tokenizer import Tokenizer, load_tokenizer
 from .weights import load_safetensors, save_pretrained
 
-# Tokenizer, load_tokenizer, cache_root and enable_compilation_cache lived here until 0.1.0: still
+# Tokenizer, load_tokenizer, cache_root and enable_compilation_cache lived here in 0.1.0: still
 # importable from here for one release (llama_jax has them all)
 __all__ = [
     "CheckpointError",
