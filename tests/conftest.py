@@ -240,3 +240,26 @@ def reference(tiny_checkpoints, meta_like_dir):
 
 def ours(model, ids=IDS) -> np.ndarray:
     return np.asarray(model(jnp.asarray(ids)))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_checkpoint(tmp_path_factory, smollm2_dir) -> str:
+    """A tiny random model with the bundled SmolLM2's vocabulary, tokenizer and chat template: fine-tuning
+    runs (tokenize, train, save, resume, merge) in seconds."""
+    import shutil
+
+    import torch
+    import transformers
+
+    directory = tmp_path_factory.mktemp("tiny_chat")
+    config = transformers.LlamaConfig(
+        **{**BASE, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2},
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if os.path.exists(os.path.join(smollm2_dir, name)):
+            shutil.copy(os.path.join(smollm2_dir, name), directory / name)
+    return str(directory)

@@ -21,6 +21,8 @@ def test_save_pretrained_loads_in_transformers(tiny_checkpoints, reference, tmp_
     model = llama_jax.from_pretrained(tiny_checkpoints[name], dtype=jnp.float32, progress=False)
     out = llama_jax.save_pretrained(model, tmp_path / "export")
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    modes = {f: os.stat(os.path.join(out, f)).st_mode & 0o777 for f in os.listdir(out)}
+    assert set(modes.values()) == {0o644}, modes  # readable by others, as transformers' files are
     exported = torch_logits(torch_model(out), IDS)
     diff = max_diff(exported, reference(name)[1])
     print(f"{name}: transformers on the export vs on the original max |diff| = {diff}")

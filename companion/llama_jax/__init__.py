@@ -1,12 +1,13 @@
 """llama_jax: Llama 3.x from Hugging Face checkpoints to JAX/Flax NNX (the book's companion package)."""
 
-__version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it from here)
+__version__ = "0.3.0"  # the one place the version is written (pyproject.toml reads it from here)
 
 from .extras import check_jax_flax
 
 check_jax_flax()  # before flax is imported: an unsupported pair gets one line, not a deep AttributeError
 
-from . import convert, lora, sharding, train
+from . import convert, data, lora, sharding, train
+from . import quantize as quantization
 from .cache import enable_compilation_cache
 from .chat import ChatSession
 from .checkpoints import (
@@ -21,6 +22,7 @@ from .config import LLAMA_3_2_1B, CheckpointError, ConfigError, LlamaConfig, Rop
 from .generate import DecodeState, Sampling, generate, generate_naive, left_pad
 from .lora import AdapterError, add_lora, load_adapter, merge_lora, save_adapter
 from .model import KVCache, LlamaForCausalLM
+from .quantize import QuantizationError, QuantizedEmbed, QuantizedLinear, quantize
 from .sharding import FSDP, TENSOR_PARALLEL, make_mesh
 from .text import TextStreamer, encode_prompts, generate_text
 from .tokenizer import Tokenizer, load_tokenizer
@@ -38,6 +40,9 @@ __all__ = [
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "QuantizationError",
+    "QuantizedEmbed",
+    "QuantizedLinear",
     "RopeScaling",
     "Sampling",
     "TextStreamer",
@@ -45,6 +50,7 @@ __all__ = [
     "add_lora",
     "choose_model",
     "convert",
+    "data",
     "default_checkpoint",
     "enable_compilation_cache",
     "encode_prompts",
@@ -59,6 +65,8 @@ __all__ = [
     "lora",
     "make_mesh",
     "merge_lora",
+    "quantization",
+    "quantize",
     "resolve_checkpoint",
     "save_adapter",
     "save_pretrained",

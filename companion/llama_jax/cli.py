@@ -1,5 +1,5 @@
-"""``python -m llama_jax generate "PROMPT"`` and ``python -m llama_jax chat``: the main jobs from the
-command line.
+"""``python -m llama_jax generate "PROMPT"``, ``chat``, ``finetune`` and ``merge``: the main jobs from the
+command line, with mlx-lm's names and data formats.
 
 Errors in what the user gave (a missing checkpoint, a broken config, a prompt that is too long) or
 in the installation (a missing optional dependency) print one line, ``error: ...``, and exit with
@@ -22,6 +22,10 @@ EXAMPLES = """examples:
   python -m llama_jax generate "Hello" --model meta-llama/Llama-3.2-1B-Instruct --dtype bfloat16
   python -m llama_jax chat --system "You answer in one short sentence."
   printf 'What is the capital of France?\\nAnd of Italy?\\n' | python -m llama_jax chat
+  python -m llama_jax finetune --data data/ --output run/ --steps 200 --batch 4
+  python -m llama_jax finetune --data data/ --output run/ --steps 400 --resume
+  python -m llama_jax generate "Hello" --chat --adapter run/
+  python -m llama_jax merge --adapter run/ --output merged/
 
 Without --model, the bundled SmolLM2-135M-Instruct is used (no network needed). Compiled programs
 are cached under $LLAMA_JAX_CACHE/xla (default ~/.cache/llama_jax/xla): the first call on a machine
@@ -38,6 +42,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16"],
         default="auto",
         help="parameter dtype; auto: float32 on CPU, bfloat16 on an accelerator",
+    )
+    parser.add_argument(
+        "--adapter", metavar="DIR", help="a LoRA adapter in peft's format (what finetune writes) to apply"
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
     parser.add_argument("--top-k", type=int)
@@ -80,15 +87,85 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_options(chat)
     chat.add_argument("--system", help="system prompt (default: the chat template's own, if any)")
     chat.add_argument("--max-new-tokens", type=int, default=256, help="at most this many tokens per answer")
+    _add_finetune(commands)
+    merge = commands.add_parser(
+        "merge",
+        help="fold a LoRA adapter into the model's weights and write a transformers checkpoint",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("--model", help="the adapter's base checkpoint or hub id (default: the bundled model)")
+    merge.add_argument("--adapter", metavar="DIR", required=True, help="the adapter (peft's format)")
+    merge.add_argument("--output", metavar="DIR", required=True, help="where the merged checkpoint goes")
+    merge.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="the merged weights' dtype"
+    )
     return parser
 
 
-def _load(args, mesh=None):
+def _add_finetune(commands) -> None:
+    from .lora import TARGETS
+
+    tune = commands.add_parser(
+        "finetune",
+        aliases=["lora"],
+        help="train LoRA adapters on JSONL data (mlx-lm's formats); resumable",
+        description="Data: a .jsonl file, or a directory with train.jsonl and an optional valid.jsonl; each "
+        'line {"messages": [...]} (loss on the assistant turns), {"prompt": ..., "completion": ...} (loss on '
+        'the completion) or {"text": ...} (loss on every token). OUTPUT receives the adapter in peft\'s '
+        "format, the training state (orbax) and run.json; --resume continues a run from its last save.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tune.add_argument("--model", help="checkpoint directory or hub repo id (default: the bundled model)")
+    tune.add_argument("--data", required=True, metavar="PATH", help="a .jsonl file or a directory of them")
+    tune.add_argument("--output", required=True, metavar="DIR", help="the run's directory")
+    tune.add_argument("--rank", type=int, default=8)
+    tune.add_argument("--alpha", type=float, default=16.0, help="the update is scaled by alpha / rank")
+    tune.add_argument(
+        "--targets", default=",".join(TARGETS), help="comma-separated projections to adapt (default: all)"
+    )
+    tune.add_argument("--steps", type=int, default=1000, help="optimizer steps in the whole run")
+    tune.add_argument("--batch", type=int, default=4, help="rows per step (over every process and device)")
+    tune.add_argument("--lr", type=float, default=1e-4, help="AdamW's learning rate")
+    tune.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    tune.add_argument("--warmup", type=int, default=0, help="steps of linear warmup from 0")
+    tune.add_argument("--max-length", type=int, default=2048, help="longer rows are cut (and counted)")
+    tune.add_argument(
+        "--mesh",
+        metavar="batch=B,model=M",
+        help="train on B x M devices: rows over 'batch', weights by --rules",
+    )
+    tune.add_argument(
+        "--rules", choices=["tp", "fsdp"], default="tp", help="how the frozen weights are split on the mesh"
+    )
+    tune.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="the frozen weights' dtype (adapters and loss stay float32); auto: float32 on CPU, else bfloat16",
+    )
+    tune.add_argument("--remat", action="store_true", help="recompute activations in the backward pass")
+    tune.add_argument("--save-every", type=int, default=100, help="save the adapter and state every K steps")
+    tune.add_argument("--eval-every", type=int, help="held-out loss every K steps (default: at each save)")
+    tune.add_argument("--resume", action="store_true", help="continue the run in --output from its last save")
+    tune.add_argument("--seed", type=int, default=0, help="the adapters' initialization and the data order")
+    tune.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a jax.distributed job (jax.distributed.initialize(); the coordinator from the environment)",
+    )
+
+
+def _load(args, mesh=None, rules=None):
+    """The model (with ``--adapter`` applied, if given) and its tokenizer."""
     import jax
     import jax.numpy as jnp
 
     from .cache import enable_compilation_cache
     from .checkpoints import default_checkpoint, from_pretrained, resolve_checkpoint
+    from .lora import load_adapter
+    from .sharding import TENSOR_PARALLEL
     from .tokenizer import load_tokenizer
 
     enable_compilation_cache()
@@ -96,7 +173,9 @@ def _load(args, mesh=None):
     dtype = args.dtype
     if dtype == "auto":
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    model = from_pretrained(directory, dtype=jnp.dtype(dtype), mesh=mesh)
+    model = from_pretrained(directory, dtype=jnp.dtype(dtype), mesh=mesh, rules=rules or TENSOR_PARALLEL)
+    if getattr(args, "adapter", None):
+        load_adapter(model, args.adapter)
     return model, load_tokenizer(directory)
 
 
@@ -179,10 +258,85 @@ def _answer(session, message: str, args) -> None:
     print(" [stopped]" if stopped else "", flush=True)
 
 
+def _finetune(args) -> None:
+    import jax
+
+    from .sharding import FSDP, TENSOR_PARALLEL, make_mesh, parse_mesh
+    from .train import finetune
+
+    if args.distributed:
+        jax.distributed.initialize()
+    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    model, tokenizer = _load(args, mesh, FSDP if args.rules == "fsdp" else TENSOR_PARALLEL)
+    result = finetune(
+        model,
+        tokenizer,
+        args.data,
+        args.output,
+        base=args.model or _bundled_name(),
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=targets,
+        steps=args.steps,
+        batch_size=args.batch,
+        learning_rate=args.lr,
+        schedule=args.schedule,
+        warmup=args.warmup,
+        max_length=args.max_length,
+        save_every=args.save_every,
+        eval_every=args.eval_every,
+        resume=args.resume,
+        seed=args.seed,
+        remat=args.remat,
+    )
+    if jax.process_index() != 0:  # in a job of several processes, the first one reports
+        return
+    done = result.steps - result.resumed_from
+    print(
+        f"trained steps {result.resumed_from + 1}-{result.steps} in {result.seconds:.1f} s "
+        f"({result.tokens_per_second:,.0f} tokens/s; first step {result.first_step_seconds:.1f} s)"
+        if done
+        else f"{result.output} is already at step {result.steps}"
+    )
+    if result.held_out:
+        first, last = min(result.held_out), max(result.held_out)
+        print(
+            f"held-out loss {result.held_out[first]:.4f} (step {first}) -> {result.held_out[last]:.4f} "
+            f"(step {last})"
+        )
+    print(f"adapter: {result.output}")
+
+
+def _bundled_name() -> str:
+    from .checkpoints import default_checkpoint
+
+    return default_checkpoint()
+
+
+def _merge(args) -> None:
+    import jax.numpy as jnp
+
+    from .checkpoints import default_checkpoint, from_pretrained, resolve_checkpoint
+    from .lora import load_adapter, merge_lora
+    from .tokenizer import load_tokenizer
+    from .weights import save_pretrained
+
+    directory = resolve_checkpoint(args.model) if args.model else default_checkpoint()
+    model = load_adapter(
+        from_pretrained(directory, dtype=jnp.dtype(args.dtype), progress=False), args.adapter
+    )
+    save_pretrained(merge_lora(model), args.output, tokenizer=load_tokenizer(directory))
+    print(f"merged checkpoint: {args.output}")
+
+
+COMMANDS = {"generate": _generate, "chat": _chat, "finetune": _finetune, "lora": _finetune, "merge": _merge}
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        _chat(args) if args.command == "chat" else _generate(args)
+        COMMANDS[args.command](args)
     except (ValueError, OSError, ImportError) as e:  # CheckpointError and ConfigError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -127,7 +127,7 @@ def _prefill(model, cache, input_ids, kv_mask, start, seed, eos_ids, *, sampling
     the static part), which ``jax.jit`` flattens far faster than ``nnx.split`` walks the module's
     object graph on every call."""
     if cache is None:
-        dtype = model.model.embed_tokens.embedding[...].dtype
+        dtype = model.model.norm.weight[...].dtype  # the model's dtype (its embedding may be quantized)
         cache = KVCache.zeros(model.config, input_ids.shape[0], kv_mask.shape[1], dtype)
         if mesh is not None:
             cache = jax.lax.with_sharding_constraint(cache, kv_cache_sharding(model.config, mesh))

@@ -35,10 +35,11 @@ from jax.sharding import PartitionSpec as P
 from .cache import hub_id
 from .config import ConfigError
 from .model import LlamaForCausalLM
-from .sharding import mesh_of
+from .sharding import host_value, mesh_of
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PEFT_PREFIX = "base_model.model."
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # peft's two files
 
 
 class AdapterError(ValueError):
@@ -46,12 +47,18 @@ class AdapterError(ValueError):
 
 
 class LoRALinear(nnx.Module):
-    """A projection with a LoRA update; ``kernel`` is the wrapped ``nnx.Linear``'s own (frozen) Param."""
+    """A projection with a LoRA update. Over an ``nnx.Linear``, ``kernel`` is its own (frozen) Param; over
+    any other frozen projection (a quantized one: QLoRA) the module is kept whole, as ``base``, and called."""
 
-    def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, key: jax.Array, dtype=jnp.float32):
-        in_features, out_features = base.kernel.get_value().shape
-        self.kernel = base.kernel  # the same Param, at the same path: Hugging Face names keep working
-        self.compute_dtype = base.dtype or base.kernel.get_value().dtype
+    def __init__(self, base: nnx.Module, rank: int, alpha: float, *, key: jax.Array, dtype=jnp.float32):
+        if isinstance(base, nnx.Linear):
+            in_features, out_features = base.kernel.get_value().shape
+            self.kernel = base.kernel  # the same Param, at the same path: Hugging Face names keep working
+            self.compute_dtype = base.dtype or base.kernel.get_value().dtype
+            self.base = None
+        else:
+            in_features, out_features = base.in_features, base.out_features
+            self.compute_dtype, self.base = base.dtype, base
         self.rank, self.alpha = rank, alpha
         bound = 1 / math.sqrt(in_features)  # peft's default: kaiming_uniform(a=sqrt(5)) on lora_A (r, in)
         self.lora_a = nnx.LoRAParam(jax.random.uniform(key, (in_features, rank), dtype, -bound, bound))
@@ -62,10 +69,18 @@ class LoRALinear(nnx.Module):
         return self.alpha / self.rank
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x.astype(self.compute_dtype) @ self.kernel[...].astype(self.compute_dtype)  # as nnx.Linear
+        if self.base is None:
+            y = x.astype(self.compute_dtype) @ self.kernel[...].astype(self.compute_dtype)  # as nnx.Linear
+        else:
+            y = self.base(x.astype(self.compute_dtype))
         a, b = self.lora_a[...], self.lora_b[...]
         update = (x.astype(a.dtype) @ a @ b) * self.scaling  # in the adapters' dtype (float32)
         return y + update.astype(y.dtype)
+
+
+def _frozen(module: nnx.Module) -> jax.Array:
+    """One of a module's frozen arrays (its kernel, or a quantized base's values): where it lives."""
+    return jax.tree.leaves(nnx.state(module, nnx.Not(nnx.LoRAParam)))[0]
 
 
 def _projections(model: LlamaForCausalLM):
@@ -103,7 +118,7 @@ def add_lora(
             continue
         key, subkey = jax.random.split(key)
         adapter = LoRALinear(base, rank, alpha, key=subkey, dtype=dtype)
-        kernel = adapter.kernel.get_value()
+        kernel = _frozen(adapter)
         adapter.lora_a.set_value(_place_like(adapter.lora_a.get_value(), kernel))
         adapter.lora_b.set_value(_place_like(adapter.lora_b.get_value(), kernel))
         setattr(parent, name, adapter)
@@ -128,10 +143,20 @@ def trainable_parameters(model: LlamaForCausalLM) -> int:
     )
 
 
-def merge_lora(model: LlamaForCausalLM) -> LlamaForCausalLM:
+def merge_lora(model: LlamaForCausalLM, dtype=None) -> LlamaForCausalLM:
     """A plain model (no adapters) whose kernels are ``kernel + lora_a @ lora_b * alpha / rank``, in the
-    model's dtype; ``model`` itself is left as it is."""
-    dtype = model.model.embed_tokens.embedding.get_value().dtype
+    model's dtype (or ``dtype``); ``model`` itself is left as it is. A quantized model (QLoRA) needs a
+    ``dtype``: its weights are dequantized into a dense model of that dtype."""
+    dense = {}  # path -> dequantized weight, for modules that hold their weight quantized
+    for path, module in nnx.iter_modules(model):
+        if hasattr(module, "dequantize") and hasattr(module, "DENSE"):
+            if dtype is None:
+                raise AdapterError(
+                    "merge_lora: the base model is quantized; pass dtype= (e.g. jnp.bfloat16) for a dense model"
+                )
+            owner = path[:-1] if path and path[-1] == "base" else path  # a LoRALinear's quantized base
+            dense[tuple(owner) + (module.DENSE,)] = module.dequantize(dtype)
+    dtype = jnp.dtype(dtype or model.model.norm.weight.get_value().dtype)
     merged = {name: module for name, module in _adapters(model)}
     graphdef, state = nnx.split(
         nnx.eval_shape(lambda: LlamaForCausalLM(model.config, dtype=dtype, rngs=nnx.Rngs(0)))
@@ -141,14 +166,15 @@ def merge_lora(model: LlamaForCausalLM) -> LlamaForCausalLM:
         for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
         if not isinstance(v, nnx.LoRAParam)
     }
+    source.update(dense)
     filled = []
     for path, variable in nnx.to_flat_state(state):
         value = source[path]
         module = merged.get(".".join(str(step) for step in path[:-1]))
         if module is not None:
             update = (module.lora_a.get_value() @ module.lora_b.get_value()) * module.scaling
-            value = (value.astype(jnp.float32) + update.astype(jnp.float32)).astype(dtype)
-        filled.append((path, variable.replace(value)))
+            value = value.astype(jnp.float32) + update.astype(jnp.float32)
+        filled.append((path, variable.replace(jnp.asarray(value).astype(dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
@@ -164,7 +190,9 @@ def save_adapter(
 ) -> str:
     """Write the adapters as peft does (``adapter_config.json`` + ``adapter_model.safetensors``), so that
     ``peft.PeftModel.from_pretrained(transformers_model, directory)`` loads them. Written into a temporary
-    directory and renamed into place; an existing non-empty ``directory`` is refused unless ``overwrite``.
+    directory and renamed into place; an existing non-empty ``directory`` is refused unless ``overwrite``,
+    which replaces the two files (each by an atomic rename) and leaves anything else there (a training run's
+    state) as it is.
 
     ``base_model_name_or_path`` is written to ``adapter_config.json``, where peft's
     ``AutoPeftModelForCausalLM`` and the Hugging Face Hub look for the base model: give the base model's
@@ -201,10 +229,10 @@ def save_adapter(
     tensors = {}
     for name, module in adapters:
         tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(
-            np.asarray(module.lora_a.get_value()).T
+            host_value(module.lora_a.get_value()).T
         )
         tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(
-            np.asarray(module.lora_b.get_value()).T
+            host_value(module.lora_b.get_value()).T
         )
     config = {
         "peft_type": "LORA",
@@ -229,13 +257,16 @@ def save_adapter(
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-", dir=os.path.dirname(target))
     try:
-        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+        save_file(tensors, os.path.join(tmp, ADAPTER_FILES[1]), metadata={"format": "pt"})
+        os.chmod(os.path.join(tmp, ADAPTER_FILES[1]), 0o644)  # safetensors writes it private (0600)
+        with open(os.path.join(tmp, ADAPTER_FILES[0]), "w") as f:
             json.dump(config, f, indent=2)
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         os.chmod(tmp, 0o755)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if os.path.isdir(target):  # each file by an atomic rename; anything else in the directory stays
+            for name in reversed(ADAPTER_FILES):
+                os.replace(os.path.join(tmp, name), os.path.join(target, name))
+        else:
+            os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -297,7 +328,5 @@ def load_adapter(model: LlamaForCausalLM, directory: str | os.PathLike) -> Llama
                     f"{weights_path}: {module_name}.lora_{part}.weight has shape {pair[part].shape}, the model "
                     f"needs {variable.get_value().shape[::-1]} (another base model or rank?)"
                 )
-            variable.set_value(
-                _place_like(jnp.asarray(value, variable.get_value().dtype), module.kernel.get_value())
-            )
+            variable.set_value(_place_like(jnp.asarray(value, variable.get_value().dtype), _frozen(module)))
     return model

@@ -138,6 +138,12 @@ class LlamaDecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
+@nnx.remat
+def _recomputed_layer(layer: LlamaDecoderLayer, x, cos, sin, mask):
+    """A decoder layer whose activations are recomputed in the backward pass (``nnx.remat``)."""
+    return layer(x, cos, sin, mask)
+
+
 class LlamaModel(nnx.Module):
     """Embedding, the decoder layers and the final norm: token ids [B, T] -> hidden states [B, T, H]."""
 
@@ -150,6 +156,9 @@ class LlamaModel(nnx.Module):
             [LlamaDecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        # transformers' gradient checkpointing: keep only each layer's input for the backward pass and
+        # recompute the rest of the layer there (less memory, one more forward); off for inference
+        self.gradient_checkpointing = False
 
     def __call__(self, input_ids, kv_mask, cache: KVCache | None = None, start=0):
         t = input_ids.shape[1]
@@ -159,7 +168,10 @@ class LlamaModel(nnx.Module):
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = layer(x, cos, sin, mask, layer_cache, start)
+            if self.gradient_checkpointing and cache is None:
+                x, layer_cache = _recomputed_layer(layer, x, cos, sin, mask)
+            else:
+                x, layer_cache = layer(x, cos, sin, mask, layer_cache, start)
             if layer_cache is not None:
                 new_keys.append(layer_cache[0])
                 new_values.append(layer_cache[1])

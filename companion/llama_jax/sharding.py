@@ -157,3 +157,15 @@ def mesh_of(tree) -> Mesh | None:
         if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
             return sharding.mesh
     return None
+
+
+def host_value(array) -> np.ndarray:
+    """The whole value of ``array`` on this host. A replicated array of a multi-process job spans devices
+    this process cannot read, but every one of its own devices holds the whole value: read the first."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        if not array.is_fully_replicated:
+            raise ValueError(
+                f"an array sharded over other processes' devices ({array.sharding}) is not here whole"
+            )
+        return np.asarray(array.addressable_data(0))
+    return np.asarray(array)

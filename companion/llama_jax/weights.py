@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .config import CheckpointError, LlamaConfig
 from .model import LlamaForCausalLM
+from .quantize import is_quantized, set_module
 from .sharding import TENSOR_PARALLEL, Rules, partition_specs
 
 
@@ -124,6 +125,7 @@ def model_from_tensors(
     mesh: Mesh | None = None,
     rules: Rules = TENSOR_PARALLEL,
     read_slice: Callable[[str, tuple[slice, ...]], np.ndarray] | None = None,
+    modules: Mapping[str, nnx.Module] | None = None,
 ) -> LlamaForCausalLM:
     """Build the model from Hugging Face-named tensors: ``shapes`` lists them, ``read(name)`` loads one.
 
@@ -131,8 +133,13 @@ def model_from_tensors(
     names and layouts. With a ``mesh``, each parameter is split over the devices by ``rules`` (see
     ``llama_jax.sharding``) and each device's block is built on its own; ``read_slice(name, index)``,
     when given, reads just that block of a tensor (in Hugging Face's layout) instead of all of it.
+    ``modules`` maps Hugging Face module names to modules built already (quantized ones, from GGUF's
+    blocks): they go in at those paths, and their tensors are never read.
     """
     check_tensors(config, shapes, source)
+    modules = dict(modules or {})
+    if modules and mesh is not None:
+        raise CheckpointError(f"{source}: quantized weights cannot be sharded over a mesh yet")
     dtype = jnp.dtype(dtype)
     graphdef, state = _abstract_split(config, dtype)
     specs = None if mesh is None else partition_specs(config, parameter_shapes(config), mesh, rules)
@@ -143,6 +150,9 @@ def model_from_tensors(
         nnx.to_flat_state(state), desc="loading weights", disable=not progress, leave=False
     ):
         name, kernel = hf_name(path), path[-1] == "kernel"
+        if name.removesuffix(".weight") in modules:  # left abstract: replaced below, never allocated
+            filled.append((path, variable))
+            continue
         if specs is None:
             tensor = read(name)
             if isinstance(tensor, np.ndarray):  # one copy: transposed and converted on the way in
@@ -159,7 +169,10 @@ def model_from_tensors(
             sharding = NamedSharding(mesh, specs[name])
             value = _sharded_parameter(variable.get_value().shape, sharding, kernel, read_block, dtype)
         filled.append((path, variable.replace(value)))
-    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+    model = nnx.merge(graphdef, nnx.from_flat_state(filled))
+    for module_name, module in modules.items():
+        set_module(model, module_name, module)
+    return model
 
 
 def _sharded_parameter(shape, sharding, kernel: bool, read_block, dtype) -> jax.Array:
@@ -179,6 +192,11 @@ def hf_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
         raise CheckpointError(
             "the model has LoRA adapters: save them with llama_jax.save_adapter, or merge them first "
             "(llama_jax.merge_lora(model))"
+        )
+    if is_quantized(model):
+        raise CheckpointError(
+            "the model is quantized: a Hugging Face checkpoint holds float weights; load the float model "
+            "to save it (or merge_lora(model, dtype=...) for a dense copy)"
         )
     tensors = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -330,7 +348,10 @@ def save_pretrained(
                 json.dump(index, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        for name in os.listdir(tmp):  # safetensors writes its files private (0600), mkdtemp the directory
+            if os.path.isfile(os.path.join(tmp, name)):
+                os.chmod(os.path.join(tmp, name), 0o644)
+        os.chmod(tmp, 0o755)
         if os.path.isdir(target):  # empty, or overwrite=True: move the old one aside, then swap
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-old-", dir=parent)
             try:

@@ -24,6 +24,7 @@ import numpy as np
 from ..config import CheckpointError, ConfigError, LlamaConfig, RopeScaling
 from ..extras import import_transformers
 from ..model import LlamaForCausalLM
+from ..quantize import QuantizedEmbed, QuantizedLinear
 from ..rope import default_inverse_frequencies, llama3_scale_frequencies
 from ..sharding import TENSOR_PARALLEL
 from ..weights import model_from_tensors
@@ -159,6 +160,7 @@ def from_gguf(
     progress: bool | None = None,
     mesh=None,
     rules=TENSOR_PARALLEL,
+    keep_quantized: bool = False,
 ) -> LlamaForCausalLM:
     """Load a llama.cpp GGUF file (architecture ``llama``), dequantizing every tensor to ``dtype``.
 
@@ -166,6 +168,11 @@ def from_gguf(
     ``gguf.quants.dequantize``. The head is tied when the file has no ``output.weight``. For Llama 3.1/3.2
     files the llama3 RoPE scaling is recovered from ``rope_freqs.weight`` (Meta's values, the factor read
     from the tensor) and checked against it; ``rope_scaling`` overrides the guess for other values.
+
+    ``keep_quantized=True`` keeps Q8_0, Q4_0 and Q4_1 weights as they are in the file: each projection
+    becomes a ``QuantizedLinear`` (and a tied embedding in those types a ``QuantizedEmbed``) built from
+    the blocks' integers and scales, with no float copy; ``dtype`` is then the compute dtype. A projection
+    in another quantized type is refused (``keep_quantized=False`` dequantizes it); norms stay float.
     """
     import gguf
 
@@ -193,9 +200,72 @@ def from_gguf(
             ) from None
         return unpermute_qk(hf_name, np.asarray(w, np.float32).reshape(shapes[hf_name]), config)
 
+    modules = {}
+    if keep_quantized:
+        for hf_name, gguf_name in hf_names.items():
+            module = _kept_quantized(tensors[gguf_name], hf_name, shapes[hf_name], config, dtype, path)
+            if module is not None:
+                modules[hf_name.removesuffix(".weight")] = module
     return model_from_tensors(
-        config, shapes, read, dtype=dtype, source=path, progress=progress, mesh=mesh, rules=rules
+        config,
+        shapes,
+        read,
+        dtype=dtype,
+        source=path,
+        progress=progress,
+        mesh=mesh,
+        rules=rules,
+        modules=modules,
     )
+
+
+# bytes per block of 32 weights, for the types kept quantized: Q8_0 (f16 d, 32 int8: w = d * q),
+# Q4_0 (f16 d, 16 bytes of nibbles: w = d * (q - 8)), Q4_1 (f16 d, f16 m, 16 bytes: w = d * q + m)
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def gguf_blocks(data: np.ndarray, type_name: str, shape: tuple[int, int]):
+    """A Q8_0/Q4_0/Q4_1 tensor's raw blocks -> (q int8 (out, in), scale (out, in/32), offset or None),
+    the layout of ``quantize.QuantizedLinear``: no float copy of the weights, only of the scales."""
+    rows, cols = shape
+    blocks = np.asarray(data, np.uint8).reshape(rows, cols // 32, _BLOCK_BYTES[type_name])
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    offset = None
+    if type_name == "Q8_0":
+        return blocks[..., 2:].copy().view(np.int8).reshape(rows, cols), scale, None
+    if type_name == "Q4_1":
+        offset = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    nibbles = blocks[..., -16:]  # element j < 16 in the low nibble of byte j, element 16 + j in its high one
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).astype(np.int8).reshape(rows, cols)
+    if type_name == "Q4_0":
+        q -= 8
+    return q, scale, offset
+
+
+def _kept_quantized(tensor, hf_name: str, shape, config, dtype, source):
+    """The quantized module for one GGUF tensor, or None when it stays float (norms, a float tensor, an
+    embedding in a type we do not keep)."""
+    type_name = tensor.tensor_type.name
+    embedding = hf_name == "model.embed_tokens.weight"
+    projection = hf_name == "lm_head.weight" or hf_name.endswith("_proj.weight")
+    if not (embedding or projection) or type_name in _FLOAT_TYPES:
+        return None
+    if type_name not in _BLOCK_BYTES:
+        if embedding:
+            return None  # dequantized, as without keep_quantized
+        raise CheckpointError(
+            f"{source}: tensor {tensor.name} is {type_name}, which cannot be kept quantized "
+            f"(Q8_0, Q4_0, Q4_1 can); pass keep_quantized=False to dequantize it"
+        )
+    q, scale, offset = gguf_blocks(tensor.data, type_name, shape)
+    q, scale = unpermute_qk(hf_name, q, config), unpermute_qk(hf_name, scale, config)  # rows, like the floats
+    if offset is not None:
+        offset = unpermute_qk(hf_name, offset, config)
+    bits = 8 if type_name == "Q8_0" else 4
+    parts = [jnp.asarray(a) for a in (q, scale)] + [None if offset is None else jnp.asarray(offset)]
+    cls = QuantizedEmbed if embedding else QuantizedLinear
+    return cls(*parts, bits=bits, dtype=dtype)
 
 
 _SPECIAL_TOKEN_IDS = {
