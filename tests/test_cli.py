@@ -87,3 +87,35 @@ def test_help_has_examples_and_version():
     assert result.returncode == 0 and "examples:" in result.stdout and "llama_jax chat" in result.stdout
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("llama_jax ")
+
+
+def test_generate_with_the_gguf_kept_quantized_equals_the_python_api(smollm2_dir):
+    """`--quantize gguf` runs on the bundled file's own Q4_1/Q8_0 blocks: its greedy text is the one
+    `from_gguf(..., keep_quantized=True)` gives through `generate_text`."""
+    import jax.numpy as jnp
+
+    import llama_jax
+
+    prompt = "The capital of France is"
+    result = run_cli("generate", prompt, "--max-new-tokens", "12", "--quantize", "gguf")
+    assert result.returncode == 0, result.stderr
+    path = llama_jax.checkpoints.bundled_gguf_path()
+    model = llama_jax.convert.from_gguf(path, jnp.float32, keep_quantized=True, progress=False)
+    expected = llama_jax.generate_text(
+        model, llama_jax.load_tokenizer(smollm2_dir), prompt, max_new_tokens=12
+    )
+    assert "Paris" in expected
+    assert result.stdout.strip() == expected.strip()
+
+
+def test_quantize_errors_are_one_line():
+    result = run_cli("generate", "x", "--quantize", "gguf", "--model", "/tmp")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --quantize gguf keeps a GGUF file's blocks, and --model /tmp is not a .gguf file"
+    )
+    result = run_cli("generate", "x", "--quantize", "int8", "--mesh", "batch=1,model=1")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --quantize and --mesh cannot be combined yet: drop one of them"
+    result = run_cli("generate", "x", "--quantize", "int3")
+    assert result.returncode == 2 and "invalid choice: 'int3'" in result.stderr

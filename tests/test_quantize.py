@@ -15,7 +15,7 @@ from flax import nnx
 
 import llama_jax
 from llama_jax import CheckpointError, QuantizationError, QuantizedEmbed, QuantizedLinear
-from llama_jax.quantize import QuantizedWeight
+from llama_jax.quantize import QuantizedWeight, is_quantized
 
 IDS = np.random.RandomState(0).randint(3, 256, (2, 48))
 
@@ -91,7 +91,7 @@ def test_no_float_copy_of_quantized_weights(tied):
     )
     assert after == norms
     assert quantized < before / 3
-    assert llama_jax.quantization.is_quantized(model)
+    assert is_quantized(model)
     with pytest.raises(CheckpointError, match="quantized"):
         llama_jax.save_pretrained(model, "/nonexistent/never-written")
 
@@ -134,7 +134,7 @@ def test_qlora_trains_adapters_only(tied):
         llama_jax.merge_lora(model)
     assert "\n" not in str(error.value)
     merged = llama_jax.merge_lora(model, dtype=jnp.float32)
-    assert not llama_jax.quantization.is_quantized(merged)
+    assert not is_quantized(merged)
     ids = jnp.asarray(IDS)
     assert max_diff(merged(ids), model(ids)) < 1e-3
 

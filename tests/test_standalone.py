@@ -55,7 +55,9 @@ def test_missing_torch_is_one_clear_line(call, monkeypatch):
 def test_cli_prints_a_missing_dependency_as_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch", None)
     # the CLI dispatches through its table of commands: replace the entry, not the module's name
-    monkeypatch.setitem(llama_jax.cli.COMMANDS, "generate", lambda args: llama_jax.convert.from_meta(args.prompt))
+    monkeypatch.setitem(
+        llama_jax.cli.COMMANDS, "generate", lambda args: llama_jax.convert.from_meta(args.prompt)
+    )
     assert main(["generate", "/nonexistent"]) == 2
     assert capsys.readouterr().err == f"error: from_meta {MISSING_TORCH}\n"
 

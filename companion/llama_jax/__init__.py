@@ -7,7 +7,6 @@ from .extras import check_jax_flax
 check_jax_flax()  # before flax is imported: an unsupported pair gets one line, not a deep AttributeError
 
 from . import convert, data, lora, sharding, train
-from . import quantize as quantization
 from .cache import enable_compilation_cache
 from .chat import ChatSession
 from .checkpoints import (
@@ -65,7 +64,6 @@ __all__ = [
     "lora",
     "make_mesh",
     "merge_lora",
-    "quantization",
     "quantize",
     "resolve_checkpoint",
     "save_adapter",

@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   python -m llama_jax generate "The capital of France is" --max-new-tokens 24
   python -m llama_jax generate "Write a haiku about JAX." --chat --temperature 0.7 --seed 1
   python -m llama_jax generate "Hello" --model meta-llama/Llama-3.2-1B-Instruct --dtype bfloat16
+  python -m llama_jax generate "The capital of France is" --quantize gguf
   python -m llama_jax chat --system "You answer in one short sentence."
   printf 'What is the capital of France?\\nAnd of Italy?\\n' | python -m llama_jax chat
   python -m llama_jax finetune --data data/ --output run/ --steps 200 --batch 4
@@ -33,9 +34,13 @@ compiles, later ones start in seconds. LLAMA_JAX_NO_COMPILATION_CACHE=1 turns th
 """
 
 
+QUANTIZE = ("int8", "int4", "gguf")
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", help="checkpoint directory or hub repo id (default: the bundled SmolLM2-135M-Instruct)"
+        "--model",
+        help="checkpoint directory, hub repo id or .gguf file (default: the bundled SmolLM2-135M-Instruct)",
     )
     parser.add_argument(
         "--dtype",
@@ -45,6 +50,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--adapter", metavar="DIR", help="a LoRA adapter in peft's format (what finetune writes) to apply"
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        help="weight-only quantization: int8 (per output channel) or int4 (groups of 32), projections and "
+        "embedding; gguf keeps a GGUF file's own Q8_0/Q4_0/Q4_1 blocks (the bundled file without --model)",
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
     parser.add_argument("--top-k", type=int)
@@ -169,14 +180,40 @@ def _load(args, mesh=None, rules=None):
     from .tokenizer import load_tokenizer
 
     enable_compilation_cache()
-    directory = resolve_checkpoint(args.model) if args.model else default_checkpoint()
     dtype = args.dtype
     if dtype == "auto":
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    model = from_pretrained(directory, dtype=jnp.dtype(dtype), mesh=mesh, rules=rules or TENSOR_PARALLEL)
+    dtype, rules = jnp.dtype(dtype), rules or TENSOR_PARALLEL
+    quantized = getattr(args, "quantize", None)
+    if quantized and mesh is not None:
+        raise ValueError("--quantize and --mesh cannot be combined yet: drop one of them")
+    gguf_file = args.model if args.model and args.model.endswith(".gguf") else None
+    if quantized == "gguf" and args.model and not gguf_file:
+        raise ValueError(
+            f"--quantize gguf keeps a GGUF file's blocks, and --model {args.model} is not a .gguf file"
+        )
+    if gguf_file or quantized == "gguf":
+        from .checkpoints import bundled_gguf_path
+        from .convert import from_gguf, tokenizer_from_gguf
+
+        path = gguf_file or bundled_gguf_path()
+        model = from_gguf(
+            path, dtype, progress=False, mesh=mesh, rules=rules, keep_quantized=quantized == "gguf"
+        )
+        tokenizer = tokenizer_from_gguf(path) if gguf_file else load_tokenizer(default_checkpoint())
+    else:
+        directory = resolve_checkpoint(args.model) if args.model else default_checkpoint()
+        model = from_pretrained(directory, dtype=dtype, mesh=mesh, rules=rules)
+        tokenizer = load_tokenizer(directory)
+    if quantized in ("int8", "int4"):
+        from .quantize import quantize
+
+        quantize(
+            model, bits=int(quantized[3:]), group_size=32 if quantized == "int4" else None, embeddings=True
+        )
     if getattr(args, "adapter", None):
         load_adapter(model, args.adapter)
-    return model, load_tokenizer(directory)
+    return model, tokenizer
 
 
 def _sampling(args) -> dict:
