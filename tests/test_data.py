@@ -147,3 +147,34 @@ def test_eval_batches_cover_the_file_once_in_order(dataset):
     assert [b[0].shape[0] for b in batches] == [4, 4, 4]
     real = np.concatenate([b[1] for b in batches]).sum(axis=1)
     assert real.tolist() == [len(ids) for ids, _ in dataset.examples] + [0, 0]
+
+
+def test_perplexity_equals_transformers_on_the_same_windows(tiny_checkpoints):
+    """train.perplexity on 300 tokens in windows of 128 (the last one padded, the last batch padded
+    with rows that count nothing) equals exp of transformers' mean loss over the same windows."""
+    import jax.numpy as jnp
+    import torch
+    from conftest import torch_model
+
+    directory = tiny_checkpoints["llama32_tied"]
+    ids = np.random.RandomState(3).randint(3, 256, 300)
+    ours = llama_jax.train.perplexity(
+        llama_jax.from_pretrained(directory, dtype=jnp.float32, progress=False), ids, window=128, batch_size=2
+    )
+    reference = torch_model(directory)
+    total = count = 0.0
+    with torch.no_grad():
+        for start in range(0, ids.size, 128):
+            window = torch.as_tensor(ids[start : start + 128])[None]
+            total += float(reference(window, labels=window).loss) * (window.shape[1] - 1)
+            count += window.shape[1] - 1
+    expected = float(np.exp(total / count))
+    print(f"perplexity: llama_jax {ours:.4f}, transformers {expected:.4f}")
+    assert abs(ours - expected) <= 1e-4 * expected
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        llama_jax.train.perplexity(None, [5])
+
+
+def test_held_out_text_ships_with_the_package():
+    text = llama_jax.data.held_out_text()
+    assert len(text.split()) > 1000 and text.isascii()

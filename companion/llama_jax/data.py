@@ -30,6 +30,16 @@ import numpy as np
 PAD_TO = 32  # batch widths are rounded up to a multiple of this: few shapes, so few compilations
 
 
+HELD_OUT_TEXT = os.path.join(os.path.dirname(__file__), "texts", "held_out.txt")
+
+
+def held_out_text() -> str:
+    """About 1,200 words of plain English prose written for this package (two short essays), so no
+    model has seen them: the text the book and ``bench/quant.py`` measure perplexity on."""
+    with open(HELD_OUT_TEXT, encoding="utf-8") as f:
+        return f.read()
+
+
 class DataError(ValueError):
     """A dataset that cannot be used: the message names the file and line."""
 

@@ -174,6 +174,30 @@ def held_out_loss(model: LlamaForCausalLM, dataset: Dataset, batch_size: int) ->
     return total / max(count, 1.0)
 
 
+def perplexity(model: LlamaForCausalLM, token_ids, window: int = 256, batch_size: int = 8) -> float:
+    """exp(mean next-token cross-entropy) over a token sequence, read in consecutive windows of
+    ``window`` tokens (each window starts afresh: its first token is context only, as in transformers'
+    fixed-length perplexity); the last window is padded, and so is the last batch, with rows that
+    count no target (one shape, one compilation)."""
+    ids = np.asarray(token_ids, np.int32).ravel()
+    if ids.size < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, got {ids.size}")
+    windows = -(-ids.size // window)
+    rows = -(-windows // batch_size) * batch_size
+    input_ids = np.zeros((rows, window), np.int32)
+    attention_mask = np.ones((rows, window), np.int32)
+    loss_mask = np.zeros((rows, window), np.int32)
+    input_ids.ravel()[: ids.size] = ids
+    attention_mask[windows - 1].ravel()[ids.size - (windows - 1) * window :] = 0  # the last window's padding
+    loss_mask.ravel()[: ids.size] = 1
+    total = count = 0.0
+    for start in range(0, rows, batch_size):
+        batch = (a[start : start + batch_size] for a in (input_ids, attention_mask, loss_mask))
+        batch_total, batch_count = _loss_sums(model, *_on_mesh(model, *batch))
+        total, count = total + float(host_value(batch_total)), count + float(host_value(batch_count))
+    return float(np.exp(total / count))
+
+
 def fit(
     model: LlamaForCausalLM, optimizer: nnx.Optimizer, batches: Iterable, *, steps: int, progress: bool = True
 ) -> list[float]:
