@@ -81,7 +81,7 @@ bench-cli: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) bench/train.py
 
-# A whole `llama-jax finetune` run of the bundled model (200 steps, about 10 minutes on 2 cores):
+# A whole `llama-jax finetune` run of the bundled model (200 steps; 29 minutes on our 2 cores while they were shared):
 # wall time, tokens/s, held-out loss and exact match before/after (bench/FINETUNE_RESULTS.md)
 bench-finetune: $(STAMP)
 	$(PY) bench/finetune.py

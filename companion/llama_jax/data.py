@@ -35,7 +35,7 @@ HELD_OUT_TEXT = os.path.join(os.path.dirname(__file__), "texts", "held_out.txt")
 
 def held_out_text() -> str:
     """About 1,200 words of plain English prose written for this package (two short essays), so no
-    model has seen them: the text the book and ``bench/quant.py`` measure perplexity on."""
+    model has seen them: the text chapter 13 measures perplexity on."""
     with open(HELD_OUT_TEXT, encoding="utf-8") as f:
         return f.read()
 

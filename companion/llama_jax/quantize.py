@@ -15,7 +15,8 @@ never see them, and LoRA adapters train on top of a quantized base (QLoRA).
 
 Written here rather than taken from a library (qwix): no extra dependency, a group layout that matches
 GGUF's blocks exactly, and forty lines the book can show in full. int4 values are held one per int8 (XLA's
-CPU backend converts ``jnp.int4`` far slower than int8), so int4 saves accuracy work, not memory, on CPU.
+CPU backend converts ``jnp.int4`` far slower than int8), so int4 in groups takes more memory than int8 per
+channel (a byte per value, plus a scale and a minimum per group): it is here for GGUF's 4-bit blocks.
 """
 
 from __future__ import annotations
