@@ -9,7 +9,10 @@ perturbed) so that the logits are O(1) and a wrong norm, head or rotation shows 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import socket
+import subprocess
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -263,3 +266,28 @@ def tiny_chat_checkpoint(tmp_path_factory, smollm2_dir) -> str:
         if os.path.exists(os.path.join(smollm2_dir, name)):
             shutil.copy(os.path.join(smollm2_dir, name), directory / name)
     return str(directory)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(commands: list[list[str]], env: dict, timeout: float) -> list[dict]:
+    """Start every command at once (the processes of one jax.distributed job), wait for all of them, and
+    return the JSON line each printed last. On a timeout or any failure, no process outlives the test."""
+    children = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for command in commands
+    ]
+    try:
+        outputs = [child.communicate(timeout=timeout) for child in children]
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    for child, (_, err) in zip(children, outputs, strict=True):
+        assert child.returncode == 0, err[-4000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]

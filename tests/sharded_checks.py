@@ -14,20 +14,9 @@ import json
 import sys
 
 import jax
+from jax_start import start_jax
 
-mode = sys.argv[1]
-if mode == "process":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.config.update("jax_num_cpu_devices", 2)
-    process_id, num_processes, port = (int(a) for a in sys.argv[2:5])
-    jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{port}",
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=120,
-    )
-else:
-    jax.config.update("jax_num_cpu_devices", 8)
+mode = start_jax(sys.argv)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -49,9 +49,16 @@ def test_from_gguf_bundled_equals_transformers_gguf_load(bundled_gguf, transform
     assert math_fields(model.config) == math_fields(llama_jax.LlamaConfig.from_hf(smollm2_dir))
 
 
-def write_gguf(hf_dir: str, path, rope_freqs: np.ndarray | None = None, extra: dict | None = None) -> str:
-    """A float32 GGUF file written by the test with gguf's own writer: llama.* metadata, GGUF names,
-    q/k rows in Meta's interleaved order (as llama.cpp's converter writes them)."""
+def write_gguf(
+    hf_dir: str,
+    path,
+    rope_freqs: np.ndarray | None = None,
+    extra: dict | None = None,
+    types: dict[str, gguf.GGMLQuantizationType] | None = None,
+) -> str:
+    """A GGUF file written by the test with gguf's own writer: llama.* metadata, GGUF names, q/k rows in
+    Meta's interleaved order (as llama.cpp's converter writes them). Tensors are float32, except those
+    whose Hugging Face name ends with a key of ``types``: quantized to that GGML type by gguf's code."""
     config = llama_jax.LlamaConfig.from_hf(hf_dir)
     hf = safetensors.numpy.load_file(os.path.join(hf_dir, "model.safetensors"))
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -97,7 +104,12 @@ def write_gguf(hf_dir: str, path, rope_freqs: np.ndarray | None = None, extra: d
             tensor = interleave(tensor, config.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             tensor = interleave(tensor, config.num_key_value_heads)
-        writer.add_tensor(gguf_name, np.ascontiguousarray(tensor, np.float32))
+        tensor = np.ascontiguousarray(tensor, np.float32)
+        qtype = next((t for suffix, t in (types or {}).items() if name.endswith(suffix)), None)
+        if qtype is None:
+            writer.add_tensor(gguf_name, tensor)
+        else:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     writer.write_header_to_file()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 from conftest import max_diff
 from flax import nnx
+from test_convert_gguf import write_gguf
 
 import llama_jax
 from llama_jax import CheckpointError, QuantizationError, QuantizedEmbed, QuantizedLinear
@@ -168,51 +166,8 @@ def test_bundled_gguf_kept_quantized_equals_dequantized(bundled):
 
 
 def write_quantized_gguf(hf_dir: str, path, types: dict[str, gguf.GGMLQuantizationType]) -> str:
-    """A tiny GGUF file (default RoPE, untied) whose tensors are quantized by gguf's own code: ``types``
-    maps a Hugging Face name suffix to a GGML type; everything else is float32."""
-    config = llama_jax.LlamaConfig.from_hf(hf_dir)
-    hf = safetensors.numpy.load_file(os.path.join(hf_dir, "model.safetensors"))
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    top = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    layer = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
-    layer |= {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-    layer |= {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for name, tensor in hf.items():
-        if name.startswith("model.layers."):
-            _, _, i, rest = name.split(".", 3)
-            module = rest.removesuffix(".weight").split(".")[-1]
-            gguf_name = f"blk.{i}.{layer[module]}.weight"
-            heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(module)
-            if heads:  # Hugging Face -> Meta's interleaved rows, as llama.cpp's converter writes them
-                tensor = tensor.reshape(heads, 2, -1, tensor.shape[1]).swapaxes(1, 2).reshape(tensor.shape)
-        else:
-            gguf_name = top[name]
-        tensor = np.ascontiguousarray(tensor, np.float32)
-        qtype = next((t for suffix, t in types.items() if name.endswith(suffix)), None)
-        if qtype is None:
-            writer.add_tensor(gguf_name, tensor)
-        else:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
+    """A tiny GGUF file (default RoPE) whose tensors named in ``types`` are quantized by gguf's own code."""
+    return write_gguf(hf_dir, path, types=types)
 
 
 def test_tiny_gguf_q8_0_and_q4_0_kept_quantized(tiny_checkpoints, tmp_path):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import free_port, run_processes
 from jax.sharding import PartitionSpec as P
 
 import llama_jax
@@ -141,36 +141,16 @@ def test_bundled_model_on_a_mesh_its_heads_allow(smollm2_dir):
     assert "needs 9 devices; 8 are available" in figures["error (1,9)"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_on_loopback_give_the_same_tokens(tiny_checkpoints):
     """jax.distributed over 127.0.0.1: 2 processes x 2 CPU devices, the model split over all 4, each process
     reading only its own devices' blocks; both print the tokens of the one-device run."""
     directory = tiny_checkpoints["heads_8_kv_4"]
     port = free_port()
-    children = [
-        subprocess.Popen(
-            [sys.executable, CHECKS, "process", str(i), "2", str(port), directory],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=ENV,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [child.communicate(timeout=300) for child in children]
-    finally:
-        for child in children:  # on a timeout or any failure: no process outlives the test
-            child.kill()
-            child.wait()
-    for child, (_, err) in zip(children, outputs, strict=True):
-        assert child.returncode == 0, err[-4000:]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    results = run_processes(
+        [[sys.executable, CHECKS, "process", str(i), "2", str(port), directory] for i in range(2)],
+        ENV,
+        timeout=300,
+    )
     print(json.dumps([{k: v for k, v in r.items() if k != "tokens"} for r in results], indent=1))
 
     model = llama_jax.from_pretrained(directory, dtype=jnp.float32, progress=False)

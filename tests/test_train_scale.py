@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import free_port, run_processes
 from safetensors.numpy import load_file
 from test_finetune import write_data
 
@@ -56,35 +56,18 @@ def test_mesh_runs_equal_one_device(tiny_chat_checkpoint, data, tmp_path):
     assert "error: --batch 6 cannot be split over the mesh's 'batch' axis of 4" in result.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_build_their_own_rows_and_match_one_process(tiny_chat_checkpoint, data, tmp_path):
     """jax.distributed over 127.0.0.1: 2 processes x 2 CPU devices on a (2, 2) mesh, each building 4 of the
     8 rows of every batch; the losses and the adapter are one process's."""
     port, output = free_port(), str(tmp_path / "two")
-    children = [
-        subprocess.Popen(
-            [sys.executable, CHECKS, "process", str(i), "2", str(port), tiny_chat_checkpoint, data, output],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=ENV,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [child.communicate(timeout=600) for child in children]
-    finally:
-        for child in children:  # on a timeout or any failure: no process outlives the test
-            child.kill()
-            child.wait()
-    for child, (_, err) in zip(children, outputs, strict=True):
-        assert child.returncode == 0, err[-4000:]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    results = run_processes(
+        [
+            [sys.executable, CHECKS, "process", str(i), "2", str(port), tiny_chat_checkpoint, data, output]
+            for i in range(2)
+        ],
+        ENV,
+        timeout=600,
+    )
 
     model = llama_jax.from_pretrained(tiny_chat_checkpoint, dtype=jnp.float32, progress=False)
     one = train.finetune(
