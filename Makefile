@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # pip prints one line per package for every local index that lacks it: keep the output readable
 QUIET := 2>&1 | { grep -v ' is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: install generate lint format test test-compat test-1b-shape book sync bench bench-cli bench-train bench-finetune clean
+.PHONY: install generate lint format test test-compat test-1b-shape book sync bench bench-cli bench-train bench-finetune bench-quant clean
 
 $(STAMP): requirements.txt companion/pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: no Python 3.12 or newer found: install one, or pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -85,6 +85,11 @@ bench-train: $(STAMP)
 # wall time, tokens/s, held-out loss and exact match before/after (bench/FINETUNE_RESULTS.md)
 bench-finetune: $(STAMP)
 	$(PY) bench/finetune.py
+
+# Quantized variants against float32: perplexity (against transformers), bytes, CPU decode at batch 1 and 8,
+# and llama.cpp on the same GGUF when llama-cpp-python is installed (bench/QUANT_RESULTS.md)
+bench-quant: $(STAMP)
+	$(PY) bench/quant.py
 
 clean:
 	rm -rf _build .pytest_cache

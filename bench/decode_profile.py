@@ -1,6 +1,7 @@
 """Where a decode step's time goes: one ``generate`` call traced with ``jax.profiler``, its kernels counted.
 
     python bench/decode_profile.py --model DIR [--dtype bfloat16] [--batch 1] [--new-tokens 64]
+    python bench/decode_profile.py --dtype float32 --quantize int8    # the bundled model, int8 weights
 
 After two warm calls, one call of ``llama_jax.generate`` (a prompt of ``--prompt-tokens`` tokens,
 ``--new-tokens`` new ones, EOS off) runs under ``jax.profiler.trace``; the trace is read back with
@@ -17,6 +18,7 @@ import argparse
 import collections
 import glob
 import os
+import re
 import sys
 import tempfile
 import time
@@ -77,7 +79,9 @@ def report(args, result, backend: str) -> str:
     n = args.new_tokens
     decode_wall = result["wall"] - result["ttft"]
     lines = [
-        f"# Decode profile: {os.path.basename(os.path.normpath(args.model))}, {args.dtype}, batch {args.batch}",
+        f"# Decode profile: {os.path.basename(os.path.normpath(args.model))}, {args.dtype}"
+        + (f", {args.quantize} weights" if args.quantize else "")
+        + f", batch {args.batch}",
         "",
         f"- {backend}: {jax.devices()[0].device_kind}; jax {jax.__version__}",
         f"- one `generate` call: {args.prompt_tokens} prompt tokens, {n} new tokens, traced with jax.profiler",
@@ -90,15 +94,22 @@ def report(args, result, backend: str) -> str:
         f"| device busy (sum of their durations) | {1e6 * result['busy'] / n:.0f} us |",
         f"| busy / wall | {result['busy'] / result['wall']:.0%} |",
         "",
-        "| top kernels by time | count / token | us / token | share of busy |",
-        "|---|---|---|---|",
     ]
-    top = sorted(result["totals"].items(), key=lambda item: -item[1][1])[:12]
-    for name, (count, ns) in top:
-        share = ns / 1e9 / result["busy"] if result["busy"] else 0
-        lines.append(f"| `{name[:70]}` | {count / n:.1f} | {ns / 1e3 / n:.1f} | {share:.0%} |")
+    kinds = collections.defaultdict(lambda: [0, 0.0])  # "dot.12", "dot.40", ... -> "dot"
+    for name, (count, ns) in result["totals"].items():
+        kind = kinds[re.sub(r"\.\d+$", "", name)]
+        kind[0] += count
+        kind[1] += ns
+    for table, title in ((result["totals"], "kernels"), (kinds, "kinds of kernel (instances summed)")):
+        lines += [
+            f"| top {title} by time | count / token | us / token | share of busy |",
+            "|---|---|---|---|",
+        ]
+        for name, (count, ns) in sorted(table.items(), key=lambda item: -item[1][1])[:12]:
+            share = ns / 1e9 / result["busy"] if result["busy"] else 0
+            lines.append(f"| `{name[:70]}` | {count / n:.1f} | {ns / 1e3 / n:.1f} | {share:.0%} |")
+        lines.append("")
     lines += [
-        "",
         "On a CPU, XLA's operations overlap on several threads, so busy time can exceed the wall time.",
     ]
     return "\n".join(lines) + "\n"
@@ -106,14 +117,30 @@ def report(args, result, backend: str) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a Hugging Face Llama checkpoint directory")
+    parser.add_argument(
+        "--model", help="a Hugging Face Llama checkpoint directory (default: the bundled model)"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--quantize",
+        choices=["int8", "int4", "gguf"],
+        help="as the CLI's --quantize: int8 per channel or int4 in groups of 32 (embedding included), or gguf: "
+        "the bundled GGUF's own blocks kept",
+    )
     parser.add_argument("--output", help="also write the report to this markdown file")
     args = parser.parse_args(argv)
-    model = llama_jax.from_pretrained(args.model, dtype=args.dtype)
+    args.model = args.model or llama_jax.default_checkpoint()
+    if args.quantize == "gguf":
+        gguf = llama_jax.checkpoints.bundled_gguf_path()
+        model = llama_jax.convert.from_gguf(gguf, args.dtype, progress=False, keep_quantized=True)
+    else:
+        model = llama_jax.from_pretrained(args.model, dtype=args.dtype)
+    if args.quantize in ("int8", "int4"):
+        bits, group_size = (8, None) if args.quantize == "int8" else (4, 32)
+        llama_jax.quantize(model, bits=bits, group_size=group_size, embeddings=True)
     vocab = model.config.vocab_size
     ids = np.random.default_rng(0).integers(3, vocab, (args.batch, args.prompt_tokens)).astype(np.int32)
     result = profile_decode(model, ids, args.new_tokens)

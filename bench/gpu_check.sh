@@ -51,7 +51,8 @@
 #
 # Wheels: the GPU machine lacks nbmake and the jupyter kernel chain, keras and keras-hub, and has
 # transformers 5.17; these, transformers 5.24 (5.25 needs huggingface_hub >= 2.4, which needs httpx2;
-# the machine has 1.33), peft and optax (the versions tested here) travel as
+# the machine has 1.33), peft and optax (the versions tested here), and kagglesdk beside kagglehub 1.x
+# (without it keras-hub fails to import there) travel as
 # wheels for CPython 3.12 on manylinux x86_64, one version each,
 # made here with `pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
 # --platform manylinux_2_28_x86_64 ... -d .whl NAME==VERSION` (the versions in .venv here), in

@@ -179,6 +179,30 @@ def bundled() -> dict:
         }
         # 30 layers of reductions split three ways: a little more rounding than the tiny models' 1e-4
         assert logits_diff <= 1e-3 and np.array_equal(tokens, ref_tokens), figures
+    # quantizing a sharded model keeps each weight's cut: the integers and scales of q_proj split by
+    # output rows, o_proj's by input columns, and the tokens are the one-device quantized model's
+    for settings in (dict(bits=8), dict(bits=4, group_size=32)):
+        plain = llama_jax.quantize(
+            llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False),
+            embeddings=True,
+            **settings,
+        )
+        sharded = llama_jax.quantize(
+            llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False, mesh=mesh),
+            embeddings=True,
+            **settings,
+        )
+        attention = sharded.model.layers[0].self_attn
+        specs = {
+            name: getattr(attention, name).qvalue.get_value().sharding.spec for name in ("q_proj", "o_proj")
+        }
+        assert specs == {"q_proj": P("model"), "o_proj": P(None, "model")}, specs
+        want = llama_jax.generate(plain, ids, mask, max_new_tokens=16)
+        got = llama_jax.generate(sharded, ids, mask, max_new_tokens=16)
+        figures[f"int{settings['bits']} TP (2,3)"] = {
+            "same greedy tokens as one device": bool(np.array_equal(got, want))
+        }
+        assert np.array_equal(got, want), figures
     # a converter places its tensors by the same rules (the GGUF holds the bundled model's weights)
     from_gguf = llama_jax.convert.from_gguf(
         llama_jax.checkpoints.bundled_gguf_path(), dtype=jnp.float32, progress=False, mesh=mesh

@@ -108,14 +108,38 @@ def test_generate_with_the_gguf_kept_quantized_equals_the_python_api(smollm2_dir
     assert result.stdout.strip() == expected.strip()
 
 
+def test_generate_int8_on_a_mesh_equals_the_python_api(smollm2_dir):
+    """`--quantize int8 --mesh ...` quantizes the weights where the mesh put them (several devices:
+    tests/sharded_checks.py); its greedy text is the one-device int8 model's."""
+    import jax.numpy as jnp
+
+    import llama_jax
+
+    prompt = "The capital of France is"
+    result = run_cli(
+        "generate", prompt, "--max-new-tokens", "12", "--quantize", "int8", "--mesh", "batch=1,model=1"
+    )
+    assert result.returncode == 0, result.stderr
+    model = llama_jax.quantize(
+        llama_jax.from_pretrained(smollm2_dir, dtype=jnp.float32, progress=False), bits=8, embeddings=True
+    )
+    expected = llama_jax.generate_text(
+        model, llama_jax.load_tokenizer(smollm2_dir), prompt, max_new_tokens=12
+    )
+    assert "Paris" in expected
+    assert result.stdout.strip() == expected.strip()
+
+
 def test_quantize_errors_are_one_line():
     result = run_cli("generate", "x", "--quantize", "gguf", "--model", "/tmp")
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: --quantize gguf keeps a GGUF file's blocks, and --model /tmp is not a .gguf file"
     )
-    result = run_cli("generate", "x", "--quantize", "int8", "--mesh", "batch=1,model=1")
+    result = run_cli("generate", "x", "--quantize", "gguf", "--mesh", "batch=1,model=1")
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: --quantize and --mesh cannot be combined yet: drop one of them"
+    assert (
+        result.stderr.strip() == "error: --quantize gguf and --mesh cannot be combined yet: drop one of them"
+    )
     result = run_cli("generate", "x", "--quantize", "int3")
     assert result.returncode == 2 and "invalid choice: 'int3'" in result.stderr

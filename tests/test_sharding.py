@@ -137,6 +137,8 @@ def test_tiny_models_on_meshes_of_8_devices(tiny_checkpoints, name):
 def test_bundled_model_on_a_mesh_its_heads_allow(smollm2_dir):
     figures = run_checks("bundled")
     assert figures["TP (1,3)"]["same greedy tokens"] and figures["TP (2,3)"]["same greedy tokens"]
+    assert figures["int8 TP (2,3)"]["same greedy tokens as one device"]
+    assert figures["int4 TP (2,3)"]["same greedy tokens as one device"]
     assert "sizes of 'model' that work for this model: [1, 3]" in figures["error (1,2)"]
     assert "needs 9 devices; 8 are available" in figures["error (1,9)"]
 

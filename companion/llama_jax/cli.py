@@ -185,8 +185,8 @@ def _load(args, mesh=None, rules=None):
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     dtype, rules = jnp.dtype(dtype), rules or TENSOR_PARALLEL
     quantized = getattr(args, "quantize", None)
-    if quantized and mesh is not None:
-        raise ValueError("--quantize and --mesh cannot be combined yet: drop one of them")
+    if quantized == "gguf" and mesh is not None:  # (int8/int4 quantize the sharded weights where they lie)
+        raise ValueError("--quantize gguf and --mesh cannot be combined yet: drop one of them")
     gguf_file = args.model if args.model and args.model.endswith(".gguf") else None
     if quantized == "gguf" and args.model and not gguf_file:
         raise ValueError(

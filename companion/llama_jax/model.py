@@ -204,7 +204,13 @@ class LlamaForCausalLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Hidden states [..., H] -> logits [..., V], float32; a tied head reuses the embedding matrix."""
         if self.config.tie_word_embeddings:
-            out = self.model.embed_tokens.attend(hidden)
+            embed = self.model.embed_tokens
+            if isinstance(embed, nnx.Embed):  # hidden [..., H] . embedding [V, H] over H, as embed.attend;
+                # written as an einsum: attend's `hidden @ embedding.T` makes XLA's CPU backend copy the
+                # transposed table at every call, which was 38% of a batch-1 decode step on SmolLM2
+                out = jnp.einsum("...h,vh->...v", hidden, embed.embedding[...])
+            else:  # a quantized embedding (quantize.py) brings its own product
+                out = embed.attend(hidden)
         else:
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)

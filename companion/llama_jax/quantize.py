@@ -32,8 +32,9 @@ from .model import LlamaForCausalLM
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BITS = (4, 8)
 # At most this many rows (batch x new tokens) multiply the integers directly, row by row; more rows
-# (a prompt) dequantize the weight once and use one matmul.
-_DIRECT_ROWS = 4
+# (a prompt) dequantize the weight once and use one matmul. (Batch-8 decode on SmolLM2 int8: 72 ms a step
+# multiplying directly, 87 ms dequantizing.)
+_DIRECT_ROWS = 8
 
 
 class QuantizationError(ValueError):
@@ -75,20 +76,27 @@ def dequantize_rows(q, scale, offset, dtype) -> jax.Array:
 def matmul_rows(x: jax.Array, q, scale, offset, dtype) -> jax.Array:
     """x [..., in] times the quantized (out, in) matrix transposed -> [..., out] in ``dtype``.
 
-    A few rows (decoding) multiply and sum against the integers group by group, which XLA fuses into one
-    pass over the int8 weight; more rows dequantize the weight once and use a single matmul."""
+    A few rows (decoding) multiply and sum against the integers in one fused pass over the int8 weight,
+    with no float copy of it: per channel, the scale (and offset) apply once per output after the sum;
+    in groups, each weight is dequantized inside the same pass. More rows (a prompt) dequantize the
+    weight once and use a single matmul."""
     out_features, in_features = q.shape
-    lead, groups = x.shape[:-1], scale.shape[1]
+    lead = x.shape[:-1]
     rows = 1
     for n in lead:
         rows *= n
     if rows > _DIRECT_ROWS:
-        return jnp.matmul(x.astype(dtype), dequantize_rows(q, scale, offset, dtype).T)
-    xg = x.astype(jnp.float32).reshape(rows, 1, groups, in_features // groups)
-    qg = q.reshape(out_features, groups, in_features // groups).astype(jnp.float32)
-    y = jnp.sum(jnp.sum(qg * xg, axis=-1) * scale.astype(jnp.float32), axis=-1)  # [rows, out]
-    if offset is not None:  # sum_i (s q_i + m) x_i = s (q . x) + m sum_i x_i, per group
-        y = y + jnp.sum(xg, axis=-1)[:, 0, :] @ offset.astype(jnp.float32).T
+        return jnp.einsum("...i,oi->...o", x.astype(dtype), dequantize_rows(q, scale, offset, dtype))
+    xs = x.reshape(rows, 1, in_features).astype(jnp.float32)
+    if scale.shape[1] == 1:  # per channel: sum_i (s q_i + m) x_i = s (q . x) + m sum_i x_i
+        # q[None], not q: the explicit leading axis makes XLA's CPU backend emit a faster fused loop
+        # (SmolLM2 int8 decode step 43 ms against 67 ms with plain broadcasting)
+        y = jnp.sum(q[None].astype(jnp.float32) * xs, axis=-1)  # [rows, out]
+        y = y * scale[:, 0].astype(jnp.float32)
+        if offset is not None:
+            y = y + jnp.sum(xs, axis=-1) * offset[:, 0].astype(jnp.float32)
+    else:
+        y = jnp.sum(dequantize_rows(q, scale, offset, jnp.float32)[None] * xs, axis=-1)
     return y.reshape(*lead, out_features).astype(dtype)
 
 

@@ -39,23 +39,30 @@ from .model import LlamaForCausalLM
 from .sharding import host_value, mesh_of
 
 
-def loss_sums(model: LlamaForCausalLM, input_ids, attention_mask, loss_mask) -> tuple[jax.Array, jax.Array]:
+def loss_sums(
+    model: LlamaForCausalLM, input_ids, attention_mask, loss_mask, first_target: int = 0
+) -> tuple[jax.Array, jax.Array]:
     """(summed cross-entropy of the next token over the target positions, how many there are).
 
     input_ids, attention_mask, loss_mask: [B, T]. Token t+1 is the target of position t; it counts when
-    ``loss_mask[:, t + 1]`` is 1 (and it is a real token)."""
-    logits = model(input_ids, attention_mask)[:, :-1]  # [B, T-1, V], float32
-    targets = input_ids[:, 1:]
-    weights = (loss_mask[:, 1:] * attention_mask[:, 1:]).astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [B, T-1]
-    return -(picked * weights).sum(), weights.sum()
+    ``loss_mask[:, t + 1]`` is 1 (and it is a real token). ``first_target`` (static): no position before
+    it has a target, so the head and the softmax over the vocabulary run only from there on (the prompt
+    needs hidden states, not logits); ``train_step`` passes it, rounded down to a multiple of 32."""
+    hidden, _ = model.model(input_ids, attention_mask)  # [B, T, H]
+    logits = model.logits(hidden[:, first_target:-1])  # [B, T-1-first_target, V], float32
+    targets = input_ids[:, first_target + 1 :]
+    weights = (loss_mask[:, first_target + 1 :] * attention_mask[:, first_target + 1 :]).astype(jnp.float32)
+    # -log softmax(logits)[target] = logsumexp(logits) - logits[target]: no [B, T, V] log-probabilities
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T-1-first_target]
+    return ((jax.nn.logsumexp(logits, axis=-1) - picked) * weights).sum(), weights.sum()
 
 
-def causal_lm_loss(model: LlamaForCausalLM, input_ids, attention_mask, loss_mask) -> jax.Array:
+def causal_lm_loss(
+    model: LlamaForCausalLM, input_ids, attention_mask, loss_mask, first_target: int = 0
+) -> jax.Array:
     """Mean cross-entropy of the next token over the positions whose *target* ``loss_mask`` marks
     (what transformers computes from ``labels`` with -100 on the rest)."""
-    total, count = loss_sums(model, input_ids, attention_mask, loss_mask)
+    total, count = loss_sums(model, input_ids, attention_mask, loss_mask, first_target)
     return total / jnp.maximum(count, 1.0)
 
 
@@ -81,10 +88,10 @@ def lora_optimizer(
     return nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
 
 
-@functools.partial(nnx.jit, static_argnames="replicated")
-def _train_step(model, optimizer, input_ids, attention_mask, loss_mask, replicated=None):
+@functools.partial(nnx.jit, static_argnames=("replicated", "first_target"))
+def _train_step(model, optimizer, input_ids, attention_mask, loss_mask, replicated=None, first_target=0):
     grad_fn = nnx.value_and_grad(causal_lm_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))
-    loss, grads = grad_fn(model, input_ids, attention_mask, loss_mask)
+    loss, grads = grad_fn(model, input_ids, attention_mask, loss_mask, first_target)
     optimizer.update(model, grads)
     if replicated is not None:  # on a mesh: the new adapters and AdamW's state stay whole on every device
         for owner, state in ((model, nnx.state(model, nnx.LoRAParam)), (optimizer, nnx.state(optimizer))):
@@ -131,12 +138,27 @@ def _check_batch(input_ids, attention_mask, loss_mask):
     return ids.astype(np.int32), mask.astype(np.int32), targets.astype(np.int32)
 
 
+def first_target_position(loss_mask, attention_mask) -> int:
+    """The first position (rounded down to a multiple of 32, so that few programs are compiled) whose
+    next token is a target in some row: the loss needs no logits before it. 0 in a job of several
+    processes, where each sees only its own rows and all must run the same program."""
+    if jax.process_count() > 1:
+        return 0
+    targets = np.asarray(loss_mask)[:, 1:] * np.asarray(attention_mask)[:, 1:]
+    hits = np.flatnonzero(targets.any(axis=0))
+    return int(hits[0]) // 32 * 32 if hits.size else 0
+
+
 def train_step(
     model: LlamaForCausalLM, optimizer: nnx.Optimizer, input_ids, attention_mask, loss_mask
 ) -> float:
     """One optimizer step on one batch (compiled once per batch shape); returns the batch's loss."""
-    batch = _on_mesh(model, *_check_batch(input_ids, attention_mask, loss_mask))
-    return float(host_value(_train_step(model, optimizer, *batch, replicated=replicated(model))))
+    ids, mask, targets = _check_batch(input_ids, attention_mask, loss_mask)
+    batch = _on_mesh(model, ids, mask, targets)
+    start = first_target_position(targets, mask)
+    return float(
+        host_value(_train_step(model, optimizer, *batch, replicated=replicated(model), first_target=start))
+    )
 
 
 def lower_train_step(
@@ -144,8 +166,10 @@ def lower_train_step(
 ) -> jax.stages.Lowered:
     """``train_step`` for this batch, lowered but not run: ``.compile().as_text()`` shows the collectives
     XLA inserted on a mesh, ``.compile().memory_analysis()`` the bytes the step needs."""
-    batch = _on_mesh(model, *_check_batch(input_ids, attention_mask, loss_mask))
-    return _train_step.lower(model, optimizer, *batch, replicated=replicated(model))
+    ids, mask, targets = _check_batch(input_ids, attention_mask, loss_mask)
+    batch = _on_mesh(model, ids, mask, targets)
+    start = first_target_position(targets, mask)
+    return _train_step.lower(model, optimizer, *batch, replicated=replicated(model), first_target=start)
 
 
 @nnx.jit
@@ -487,7 +511,15 @@ def finetune(
 
     for step in range(start, steps):
         batch = batch_at(train, step, batch_size, seed=seed, process_index=me, process_count=processes)
-        pending.append(_train_step(model, optimizer, *_on_mesh(model, *batch), replicated=placement))
+        pending.append(
+            _train_step(
+                model,
+                optimizer,
+                *_on_mesh(model, *batch),
+                replicated=placement,
+                first_target=first_target_position(batch[2], batch[1]),
+            )
+        )
         tokens += int(batch[1].sum()) * processes
         if step == start:
             pending[-1].block_until_ready()

@@ -122,4 +122,39 @@ def test_decode_profile_counts_the_operations_of_a_generate_call(tiny_checkpoint
     print(report)
     per_token = next(line for line in report.splitlines() if line.startswith("| XLA operations"))
     assert float(per_token.split("|")[2]) >= 2  # the tiny checkpoint has 2 layers
-    assert "| top kernels by time |" in report
+    assert (
+        "| top kernels by time |" in report and "| top kinds of kernel (instances summed) by time |" in report
+    )
+    done = subprocess.run(  # the same with int8 weights
+        [*command, "--quantize", "int8", "--prompt-tokens", "8", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ", int8 weights, batch 1" in output.read_text().splitlines()[0]
+
+
+def test_quant_bench_runs_on_a_tiny_checkpoint(tiny_chat_checkpoint, tmp_path):
+    """bench/quant.py: a row per variant, the reference perplexity from transformers, and a variant the
+    model cannot take (groups of 128 on a hidden size of 64) reported as not run, with quantize's error."""
+    output = tmp_path / "QUANT_RESULTS.md"
+    command = [sys.executable, os.path.join(ROOT, "bench", "quant.py"), "--model", tiny_chat_checkpoint]
+    command += ["--variants", "float32", "int8", "int4 g128", "--batch-sizes", "1", "--new-tokens", "4"]
+    command += ["--prompt-tokens", "8", "--repeats", "1", "--no-llama-cpp", "--output", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = output.read_text()
+    print(report)
+    rows = {
+        cells[0]: cells
+        for line in report.splitlines()
+        if line.startswith("| ") and "variant" not in line
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert list(rows) == ["transformers float32 (reference)", "float32", "int8"]
+    # llama_jax's float32 perplexity is transformers' on the same windows (both computed by the benchmark)
+    assert abs(float(rows["float32"][2]) / float(rows["transformers float32 (reference)"][2]) - 1) < 1e-4
+    assert float(rows["int8"][1]) < float(rows["float32"][1])  # fewer weight bytes
+    assert rows["int8"][8].endswith("x")  # decode speed against float32 (the value is not asserted)
+    assert "- int4 g128: not run: group_size=128 does not divide" in report
