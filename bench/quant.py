@@ -84,12 +84,16 @@ def weight_bytes(model) -> int:
     return sum(leaf.nbytes for state in held for leaf in jax.tree.leaves(state))
 
 
+def has_tokenizer(model_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer.model"))
+
+
 def held_out_ids(model_dir: str) -> list[int]:
     """The held-out text as the checkpoint's tokenizer cuts it; a checkpoint without one (the random 1B
     shape) gets 1,500 random ids, which still compare the variants with float32 on the same tokens."""
     import llama_jax
 
-    if not any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer.model")):
+    if not has_tokenizer(model_dir):
         vocab = llama_jax.LlamaConfig.from_hf(model_dir).vocab_size
         return np.random.default_rng(0).integers(3, vocab, 1500).tolist()
     tokenizer = llama_jax.load_tokenizer(model_dir)
@@ -159,7 +163,13 @@ def transformers_worker(args) -> dict:
                 continue
             total += model(window, labels=window).loss.item() * (window.shape[1] - 1)
             count += window.shape[1] - 1
-    return {"variant": "transformers float32", "perplexity": math.exp(total / count), "tokens": len(ids)}
+    text = has_tokenizer(args.model)
+    return {
+        "variant": "transformers float32",
+        "perplexity": math.exp(total / count),
+        "tokens": len(ids),
+        "text": text,
+    }
 
 
 def llama_cpp_worker(args) -> dict:
@@ -240,8 +250,13 @@ def report(args, machine: dict, results: list[dict], reference: dict | None, not
         "",
         f"Model `{os.path.basename(os.path.normpath(args.model))}`"
         + (f", GGUF `{os.path.basename(args.gguf)}`" if args.gguf else "")
-        + f". Perplexity: `llama_jax.data.held_out_text()` ({reference['tokens'] if reference else '?'} "
-        f"tokens) in windows of {WINDOW}. Logit columns: the first {WINDOW} tokens against llama_jax "
+        + ". Perplexity: "
+        + (
+            "random token ids (no tokenizer in the checkpoint),"
+            if reference and not reference["text"]
+            else "`llama_jax.data.held_out_text()`,"
+        )
+        + f" {reference['tokens'] if reference else '?'} tokens in windows of {WINDOW}. Logit columns: the first {WINDOW} tokens against llama_jax "
         f"float32. Decode: a {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, EOS off, "
         f"best of {args.repeats}; quantized variants compute in {args.dtype}, and their speed is compared "
         f"with {args.dtype}'s. One run: compare ratios, not figures from different runs.",
