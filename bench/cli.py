@@ -30,6 +30,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from generate import publish  # noqa: E402
+
 PROMPT = "The capital of France is"
 NEW_TOKENS = 24
 
@@ -136,11 +139,7 @@ def main(argv=None) -> None:
         "",
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.output != "-":
-        with open(args.output, "w") as f:
-            f.write(text)
-        print(f"written to {args.output}", file=sys.stderr)
+    publish(text, args.output)
 
 
 if __name__ == "__main__":

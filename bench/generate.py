@@ -61,6 +61,15 @@ PASSAGE = (
 # ------------------------------------------------------------------------------------ the machine
 
 
+def publish(text: str, output: str) -> None:
+    """Print a benchmark's report and write it to ``output`` (``-``: print only)."""
+    print(text)
+    if output != "-":
+        with open(output, "w") as f:
+            f.write(text)
+        print(f"written to {output}", file=sys.stderr)
+
+
 def machine_description() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -151,12 +160,13 @@ def write_random_llama_1b(directory: str) -> str:
     return directory
 
 
+def has_tokenizer(directory: str) -> bool:
+    return any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model"))
+
+
 def make_prompts(directory: str, config, batch: int, length: int) -> np.ndarray:
     """[batch, length] token ids: windows of PASSAGE with the checkpoint's tokenizer, else random ids."""
-    has_tokenizer = any(
-        os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model")
-    )
-    if not has_tokenizer:  # (the random 1B model has none)
+    if not has_tokenizer(directory):  # (the random 1B model has none)
         return np.random.default_rng(0).integers(3, config.vocab_size, (batch, length)).astype(np.int32)
     import llama_jax
 
@@ -514,11 +524,7 @@ def main(argv=None) -> None:
     bandwidth = measure_bandwidth(args.on_gpu)
     roofline = bandwidth["roofline_gbs"] / weights_gb
     text = report(args, machine, bandwidth, model_line, weights_gb, roofline, results, skipped)
-    print(text)
-    if args.output != "-":
-        with open(args.output, "w") as f:
-            f.write(text)
-        print(f"written to {args.output}", file=sys.stderr)
+    publish(text, args.output)
 
 
 if __name__ == "__main__":

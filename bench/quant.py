@@ -42,7 +42,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from generate import machine_description, make_prompts, measure, peak_rss_gb  # noqa: E402
+from generate import has_tokenizer, machine_description, make_prompts, measure, peak_rss_gb, publish  # noqa: E402
 
 # label -> (dtype, or None for --dtype; quantize() settings or None); "gguf" rows load the GGUF file
 VARIANTS = {
@@ -82,10 +82,6 @@ def weight_bytes(model) -> int:
 
     held = nnx.state(model, nnx.Param), nnx.state(model, QuantizedWeight)
     return sum(leaf.nbytes for state in held for leaf in jax.tree.leaves(state))
-
-
-def has_tokenizer(model_dir: str) -> bool:
-    return any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer.model"))
 
 
 def held_out_ids(model_dir: str) -> list[int]:
@@ -372,11 +368,7 @@ def main(argv=None) -> None:
         notes.append(f"transformers: {reference['error']}")
         reference = None
     text = report(args, machine_description(), results, reference, notes)
-    print(text)
-    if args.output != "-":
-        with open(args.output, "w") as f:
-            f.write(text)
-        print(f"written to {args.output}", file=sys.stderr)
+    publish(text, args.output)
 
 
 if __name__ == "__main__":

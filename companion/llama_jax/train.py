@@ -155,16 +155,19 @@ def first_target_position(loss_mask, attention_mask) -> int:
     return int(hits[0]) // 32 * 32 if hits.size else 0
 
 
+def _step_inputs(model: LlamaForCausalLM, input_ids, attention_mask, loss_mask) -> tuple[list, dict]:
+    """The checked batch on the model's devices, and the train step's static arguments for it."""
+    ids, mask, targets = _check_batch(input_ids, attention_mask, loss_mask)
+    static = dict(replicated=replicated(model), first_target=first_target_position(targets, mask))
+    return _on_mesh(model, ids, mask, targets), static
+
+
 def train_step(
     model: LlamaForCausalLM, optimizer: nnx.Optimizer, input_ids, attention_mask, loss_mask
 ) -> float:
     """One optimizer step on one batch (compiled once per batch shape); returns the batch's loss."""
-    ids, mask, targets = _check_batch(input_ids, attention_mask, loss_mask)
-    batch = _on_mesh(model, ids, mask, targets)
-    start = first_target_position(targets, mask)
-    return float(
-        host_value(_train_step(model, optimizer, *batch, replicated=replicated(model), first_target=start))
-    )
+    batch, static = _step_inputs(model, input_ids, attention_mask, loss_mask)
+    return float(host_value(_train_step(model, optimizer, *batch, **static)))
 
 
 def lower_train_step(
@@ -172,10 +175,8 @@ def lower_train_step(
 ) -> jax.stages.Lowered:
     """``train_step`` for this batch, lowered but not run: ``.compile().as_text()`` shows the collectives
     XLA inserted on a mesh, ``.compile().memory_analysis()`` the bytes the step needs."""
-    ids, mask, targets = _check_batch(input_ids, attention_mask, loss_mask)
-    batch = _on_mesh(model, ids, mask, targets)
-    start = first_target_position(targets, mask)
-    return _train_step.lower(model, optimizer, *batch, replicated=replicated(model), first_target=start)
+    batch, static = _step_inputs(model, input_ids, attention_mask, loss_mask)
+    return _train_step.lower(model, optimizer, *batch, **static)
 
 
 @nnx.jit
