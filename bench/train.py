@@ -233,7 +233,7 @@ def main(argv=None) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     labels = {
-        "llama_jax": "llama_jax `train.train_step` (nnx.jit)",
+        "llama_jax": "llama_jax `train.train_step` (one jitted program)",
         "llama_jax_remat": "llama_jax, gradient checkpointing (`--remat`)",
         "peft": "transformers + peft (PyTorch)",
     }

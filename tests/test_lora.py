@@ -239,6 +239,27 @@ def peft_values(model, grads=False) -> dict[str, np.ndarray]:
     return out
 
 
+def test_lora_update_gradients_equal_autodiff():
+    """lora_update writes its backward pass out (to choose the order of the adapters' products); its
+    gradients for x, a and b equal autodiff's on the plain expression, with leading axes summed over."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (3, 5, 7))
+    a, b = jax.random.normal(keys[1], (7, 2)), jax.random.normal(keys[2], (2, 4))
+    weight = jax.random.normal(keys[3], (3, 5, 4))  # a cotangent that is not all ones
+
+    def loss(update):
+        return lambda x, a, b: jnp.sum(update(x, a, b) * weight)
+
+    plain = jax.grad(loss(lambda x, a, b: (x @ a @ b) * 2.5), argnums=(0, 1, 2))(x, a, b)
+    written = jax.grad(loss(lambda x, a, b: llama_jax.lora.lora_update(x, a, b, 2.5)), argnums=(0, 1, 2))(
+        x, a, b
+    )
+    diffs = [max_diff(p, w) / float(np.abs(p).max()) for p, w in zip(plain, written, strict=True)]
+    print(f"lora_update gradients (x, a, b) vs autodiff: relative {', '.join(f'{d:.1e}' for d in diffs)}")
+    assert all(w.shape == p.shape for p, w in zip(plain, written, strict=True))
+    assert max(diffs) <= 1e-6
+
+
 def test_loss_gradients_and_adamw_steps_equal_peft(checkpoint, peft_adapter):
     ids, mask, loss_mask = training_batch()
     reference = peft_model(checkpoint)  # the same adapter values as peft_adapter's (same seed)

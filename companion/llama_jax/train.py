@@ -94,14 +94,37 @@ def lora_optimizer(
     return optimizer
 
 
-@functools.partial(nnx.jit, static_argnames=("replicated", "first_target"))
-def _train_step(model, optimizer, input_ids, attention_mask, loss_mask, replicated=None, first_target=0):
+def _trained(path, value) -> bool:
+    """What a train step changes, in ``nnx.split((model, optimizer), ...)``: the model's adapters and the
+    optimizer's whole state (the rest, the frozen base, goes in and does not come back out)."""
+    return path[0] == 1 or isinstance(value, nnx.LoRAParam)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "replicated", "first_target"))
+def _pure_train_step(
+    graphdef, trained, frozen, input_ids, attention_mask, loss_mask, replicated=None, first_target=0
+):
+    """One step as a function of arrays: returns the loss and the new ``trained`` state. The frozen weights
+    are an input only, so XLA copies none of them into the step's outputs (``nnx.jit`` over the model
+    would return, and so copy, every weight at every step)."""
+    model, optimizer = nnx.merge(graphdef, trained, frozen)
     grad_fn = nnx.value_and_grad(causal_lm_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))
     loss, grads = grad_fn(model, input_ids, attention_mask, loss_mask, first_target)
     optimizer.update(model, grads)
+    trained = nnx.state((model, optimizer), _trained)
     if replicated is not None:  # on a mesh: the new adapters and AdamW's state stay whole on every device
-        for owner, state in ((model, nnx.state(model, nnx.LoRAParam)), (optimizer, nnx.state(optimizer))):
-            nnx.update(owner, jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, replicated), state))
+        trained = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, replicated), trained)
+    return loss, trained
+
+
+def _train_step(model, optimizer, input_ids, attention_mask, loss_mask, replicated=None, first_target=0):
+    """Run one step and put its new adapters and optimizer state back into ``model`` and ``optimizer``;
+    returns the loss on the device (reading it waits for the step)."""
+    graphdef, trained, frozen = nnx.split((model, optimizer), _trained, ...)
+    loss, trained = _pure_train_step(
+        graphdef, trained, frozen, input_ids, attention_mask, loss_mask, replicated, first_target
+    )
+    nnx.update((model, optimizer), trained)
     return loss
 
 
@@ -176,7 +199,8 @@ def lower_train_step(
     """``train_step`` for this batch, lowered but not run: ``.compile().as_text()`` shows the collectives
     XLA inserted on a mesh, ``.compile().memory_analysis()`` the bytes the step needs."""
     batch, static = _step_inputs(model, input_ids, attention_mask, loss_mask)
-    return _train_step.lower(model, optimizer, *batch, **static)
+    graphdef, trained, frozen = nnx.split((model, optimizer), _trained, ...)
+    return _pure_train_step.lower(graphdef, trained, frozen, *batch, **static)
 
 
 @nnx.jit
