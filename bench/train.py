@@ -109,8 +109,15 @@ def run_peft(args, config):
 def worker(args) -> None:
     import llama_jax
 
+    if args.cache:  # JAX's persistent compilation cache, as the CLI keeps it
+        llama_jax.enable_compilation_cache(args.cache)
     config = llama_jax.LlamaConfig.from_hf(args.model)
-    runner = {"llama_jax": run_llama_jax, "llama_jax_remat": run_llama_jax, "peft": run_peft}[args.worker]
+    runner = {
+        "llama_jax": run_llama_jax,
+        "llama_jax_cached": run_llama_jax,
+        "llama_jax_remat": run_llama_jax,
+        "peft": run_peft,
+    }[args.worker]
     step = runner(args, config)
     times, losses = [], []
     for ids, mask, loss_mask in batches(config.vocab_size, args.batch, args.length, args.steps):
@@ -176,7 +183,12 @@ def main(argv=None) -> None:
         action="store_true",
         help="also llama_jax with gradient checkpointing (each layer recomputed in the backward pass)",
     )
-    parser.add_argument("--worker", choices=["llama_jax", "llama_jax_remat", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker",
+        choices=["llama_jax", "llama_jax_cached", "llama_jax_remat", "peft"],
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument("--cache", help=argparse.SUPPRESS)  # for the workers: a compilation cache directory
     parser.add_argument("--gpu", action="store_true", help=argparse.SUPPRESS)  # set for the workers
     args = parser.parse_args(argv)
     if args.steps < 2:
@@ -194,7 +206,10 @@ def main(argv=None) -> None:
         args.model = llama_jax.default_checkpoint()
 
     results = []
-    for framework in ("llama_jax", *(["llama_jax_remat"] if args.remat else []), "peft"):
+    # llama_jax twice with one compilation cache: the first process compiles the step and stores it, the
+    # second (a rerun, a resumed job) loads it, which is its first step's cost without compiling
+    cache = tempfile.mkdtemp(prefix="llama-jax-bench-cache-")
+    for framework in ("llama_jax", "llama_jax_cached", *(["llama_jax_remat"] if args.remat else []), "peft"):
         print(f"{framework}: running", file=sys.stderr, flush=True)
         command = [
             sys.executable,
@@ -215,6 +230,7 @@ def main(argv=None) -> None:
             args.dtype,
             *(["--gpu"] if args.gpu else []),
             *(["--remat"] if args.remat else []),
+            *(["--cache", cache] if framework.startswith("llama_jax") else []),
         ]
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -222,6 +238,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"{framework} failed (exit {done.returncode})")
         results.append(json.loads(lines[-1][len("RESULT ") :]))
 
+    shutil.rmtree(cache, ignore_errors=True)
     reference = results[-1]["tokens_per_s"]
     model_name = os.path.basename(os.path.normpath(args.model))
     if args.random_llama_1b:
@@ -234,6 +251,7 @@ def main(argv=None) -> None:
     ]
     labels = {
         "llama_jax": "llama_jax `train.train_step` (one jitted program)",
+        "llama_jax_cached": "llama_jax again, in a new process: the step from the compilation cache",
         "llama_jax_remat": "llama_jax, gradient checkpointing (`--remat`)",
         "peft": "transformers + peft (PyTorch)",
     }
@@ -262,7 +280,9 @@ def main(argv=None) -> None:
             f"{'GPU' if args.gpu else 'CPU'}; batch {args.batch} x {args.length} tokens "
             f"(loss on the second half of each row); LoRA rank {args.rank}, alpha {2 * args.rank}, on "
             f"{', '.join(TARGETS)}; AdamW, learning rate 1e-4; {args.steps} steps, the first reported apart "
-            "(llama_jax compiles then). One run: compare the ratios, not figures from different runs.",
+            "(llama_jax compiles then, except in its second process, which finds the step in the JAX "
+            "compilation cache that the first one filled, as a rerun of the CLI does). One run: compare "
+            "the ratios, not figures from different runs.",
             "",
             *rows,
             "",

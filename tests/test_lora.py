@@ -317,28 +317,30 @@ def test_loss_gradients_and_adamw_steps_equal_peft(checkpoint, peft_adapter):
     )
 
 
-def test_logits_only_from_the_first_target_give_the_same_loss_and_gradients(checkpoint, peft_adapter):
-    """train_step computes the head and the softmax only from the first position with a target (rounded
-    down to 32): with answers in the last 20 of 100 tokens that is position 64, and the loss still equals
-    transformers' and the gradients those of the whole-sequence loss."""
+def test_logits_only_at_the_targets_give_the_same_loss_and_gradients(checkpoint, peft_adapter):
+    """train_step computes the head and the softmax only at each row's target positions, gathered (as many
+    per row as the batch's most, rounded up to 32): with answers of 20 and 7 tokens in rows of 100 that is
+    32 per row, and the loss still equals transformers' and the gradients those of the whole-sequence loss."""
     rng = np.random.default_rng(2)
     ids, mask = llama_jax.left_pad([rng.integers(3, 256, 100).tolist(), rng.integers(3, 256, 90).tolist()])
     loss_mask = np.zeros_like(mask)
-    loss_mask[:, -20:] = 1
-    start = llama_jax.train.first_target_position(loss_mask, mask)
-    assert start == 64
-    assert llama_jax.train.first_target_position(np.ones_like(mask), mask) == 0
+    loss_mask[0, -20:] = 1
+    loss_mask[1, 50:57] = 1  # an answer in the middle: positions after it are not targets either
+    per_row = llama_jax.train.targets_per_row_for(loss_mask, mask)
+    assert per_row == 32
+    assert llama_jax.train.targets_per_row_for(np.ones_like(mask), mask) == 99  # never more than T - 1
     model = llama_jax.load_adapter(
         llama_jax.from_pretrained(checkpoint, dtype=jnp.float32, progress=False), peft_adapter[2]
     )
     grad_fn = nnx.value_and_grad(llama_jax.train.causal_lm_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))
     batch = [jnp.asarray(a) for a in (ids, mask, loss_mask)]
-    (whole, whole_grads), (cut, cut_grads) = (grad_fn(model, *batch, first) for first in (0, start))
+    (whole, whole_grads), (cut, cut_grads) = (grad_fn(model, *batch, k) for k in (None, per_row))
     expected = torch_loss(peft_model(checkpoint).train(), ids, mask, loss_mask).item()
     pairs = zip(jax.tree.leaves(whole_grads), jax.tree.leaves(cut_grads), strict=True)
     grad_diff = max(float(jnp.abs(a - b).max()) for a, b in pairs)
     print(
-        f"loss from position {start}: {float(cut):.6f}, whole: {float(whole):.6f}, transformers {expected:.6f}"
+        f"loss at {per_row} positions per row: {float(cut):.6f}, every position: {float(whole):.6f}, "
+        f"transformers {expected:.6f}"
     )
     print(f"adapter gradients max |diff| {grad_diff:.1e}")
     assert abs(float(cut) - expected) <= 1e-5 * expected and abs(float(cut) - float(whole)) <= 1e-6 * expected

@@ -85,21 +85,21 @@ def lora_update(x: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax
 
     Its gradient is written out (``jax.custom_vjp``) only to choose how the adapters' gradients are
     multiplied: each sums over every token, and from autodiff's order XLA's CPU backend wrote a transposed
-    copy of the [tokens, out] output gradient for every projection (a third of a SmolLM2 LoRA step). Here
-    the large operand comes first, in its own layout, and only the rank-r result is transposed. The
-    values are the same products; ``tests/test_lora.py`` compares the gradients with autodiff's."""
-    return (x @ a @ b) * scaling
+    copy of the [tokens, out] output gradient for every projection (a quarter of a SmolLM2 LoRA step). Here
+    the large operand comes first, in its own layout, and only the rank-r result is transposed; the
+    scaling multiplies rank-r arrays, never a [..., out] one. ``tests/test_lora.py`` compares the
+    gradients with autodiff's."""
+    return ((x @ a) * scaling) @ b
 
 
 def _lora_update_forward(x, a, b, scaling):
-    h = x @ a  # [..., r]: kept for b's gradient
-    return (h @ b) * scaling, (x, a, b, h)
+    h = (x @ a) * scaling  # [..., r]: the scaling on the rank-r side, never on a [..., out] array
+    return h @ b, (x, a, b, h)
 
 
 def _lora_update_backward(scaling, residuals, grad):
-    x, a, b, h = residuals
-    grad = grad * scaling  # [..., out]
-    grad_h = grad @ b.T  # [..., r]
+    x, a, b, h = residuals  # grad: [..., out]
+    grad_h = (grad @ b.T) * scaling  # [..., r]
     tokens = lambda t: t.reshape(-1, t.shape[-1])  # every leading axis is summed over for a and b
     grad_a = jnp.einsum("ni,nr->ri", tokens(x), tokens(grad_h)).T  # [in, r]
     grad_b = jnp.einsum("no,nr->or", tokens(grad), tokens(h)).T  # [r, out]

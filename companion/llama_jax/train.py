@@ -40,29 +40,35 @@ from .sharding import host_value, mesh_of
 
 
 def loss_sums(
-    model: LlamaForCausalLM, input_ids, attention_mask, loss_mask, first_target: int = 0
+    model: LlamaForCausalLM, input_ids, attention_mask, loss_mask, targets_per_row: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """(summed cross-entropy of the next token over the target positions, how many there are).
 
     input_ids, attention_mask, loss_mask: [B, T]. Token t+1 is the target of position t; it counts when
-    ``loss_mask[:, t + 1]`` is 1 (and it is a real token). ``first_target`` (static): no position before
-    it has a target, so the head and the softmax over the vocabulary run only from there on (the prompt
-    needs hidden states, not logits); ``train_step`` passes it, rounded down to a multiple of 32."""
+    ``loss_mask[:, t + 1]`` is 1 (and it is a real token). ``targets_per_row`` (static): no row has more
+    target positions than this, so the head and the softmax over the vocabulary run only on each row's
+    first ``targets_per_row`` target positions, gathered (a prompt needs hidden states, not logits);
+    ``train_step`` passes the batch's most, rounded up to a multiple of 32. None: every position."""
     hidden, _ = model.model(input_ids, attention_mask)  # [B, T, H]
-    logits = model.logits(hidden[:, first_target:-1])  # [B, T-1-first_target, V], float32
-    targets = input_ids[:, first_target + 1 :]
-    weights = (loss_mask[:, first_target + 1 :] * attention_mask[:, first_target + 1 :]).astype(jnp.float32)
+    hidden, targets = hidden[:, :-1], input_ids[:, 1:]  # [B, T-1, H], [B, T-1]
+    weights = (loss_mask[:, 1:] * attention_mask[:, 1:]).astype(jnp.float32)
+    if targets_per_row is not None:  # each row's target positions first, in order, then the others
+        positions = jnp.argsort(weights == 0, axis=1, stable=True)[:, :targets_per_row]  # [B, K]
+        hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B, K, H]
+        targets = jnp.take_along_axis(targets, positions, axis=1)
+        weights = jnp.take_along_axis(weights, positions, axis=1)  # 0 where a row has fewer than K
+    logits = model.logits(hidden)  # [B, K or T-1, V], float32
     # -log softmax(logits)[target] = logsumexp(logits) - logits[target]: no [B, T, V] log-probabilities
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T-1-first_target]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return ((jax.nn.logsumexp(logits, axis=-1) - picked) * weights).sum(), weights.sum()
 
 
 def causal_lm_loss(
-    model: LlamaForCausalLM, input_ids, attention_mask, loss_mask, first_target: int = 0
+    model: LlamaForCausalLM, input_ids, attention_mask, loss_mask, targets_per_row: int | None = None
 ) -> jax.Array:
     """Mean cross-entropy of the next token over the positions whose *target* ``loss_mask`` marks
     (what transformers computes from ``labels`` with -100 on the rest)."""
-    total, count = loss_sums(model, input_ids, attention_mask, loss_mask, first_target)
+    total, count = loss_sums(model, input_ids, attention_mask, loss_mask, targets_per_row)
     return total / jnp.maximum(count, 1.0)
 
 
@@ -100,16 +106,16 @@ def _trained(path, value) -> bool:
     return path[0] == 1 or isinstance(value, nnx.LoRAParam)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "replicated", "first_target"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "replicated", "targets_per_row"))
 def _pure_train_step(
-    graphdef, trained, frozen, input_ids, attention_mask, loss_mask, replicated=None, first_target=0
+    graphdef, trained, frozen, input_ids, attention_mask, loss_mask, replicated=None, targets_per_row=None
 ):
     """One step as a function of arrays: returns the loss and the new ``trained`` state. The frozen weights
     are an input only, so XLA copies none of them into the step's outputs (``nnx.jit`` over the model
     would return, and so copy, every weight at every step)."""
     model, optimizer = nnx.merge(graphdef, trained, frozen)
     grad_fn = nnx.value_and_grad(causal_lm_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))
-    loss, grads = grad_fn(model, input_ids, attention_mask, loss_mask, first_target)
+    loss, grads = grad_fn(model, input_ids, attention_mask, loss_mask, targets_per_row)
     optimizer.update(model, grads)
     trained = nnx.state((model, optimizer), _trained)
     if replicated is not None:  # on a mesh: the new adapters and AdamW's state stay whole on every device
@@ -117,12 +123,14 @@ def _pure_train_step(
     return loss, trained
 
 
-def _train_step(model, optimizer, input_ids, attention_mask, loss_mask, replicated=None, first_target=0):
+def _train_step(
+    model, optimizer, input_ids, attention_mask, loss_mask, replicated=None, targets_per_row=None
+):
     """Run one step and put its new adapters and optimizer state back into ``model`` and ``optimizer``;
     returns the loss on the device (reading it waits for the step)."""
     graphdef, trained, frozen = nnx.split((model, optimizer), _trained, ...)
     loss, trained = _pure_train_step(
-        graphdef, trained, frozen, input_ids, attention_mask, loss_mask, replicated, first_target
+        graphdef, trained, frozen, input_ids, attention_mask, loss_mask, replicated, targets_per_row
     )
     nnx.update((model, optimizer), trained)
     return loss
@@ -137,11 +145,11 @@ def replicated(model) -> NamedSharding | None:
     return None if mesh is None else NamedSharding(mesh, P())
 
 
-def _on_mesh(model, *arrays):
-    """The batch as global arrays. On a sharded model the arrays hold *this process's* rows (every row in a
-    one-process job): they go to this process's devices along the mesh's "batch" axis, and the global
-    batch is every process's rows in process order (``jax.make_array_from_process_local_data``)."""
-    mesh = mesh_of(nnx.state(model))
+def _on_mesh(mesh, *arrays):
+    """The batch as global arrays on ``mesh`` (a sharded model's, ``mesh_of(nnx.state(model))``; None on one
+    device). On a mesh the arrays hold *this process's* rows (every row in a one-process job): they go to
+    this process's devices along the mesh's "batch" axis, and the global batch is every process's rows in
+    process order (``jax.make_array_from_process_local_data``)."""
     if mesh is None:
         return [jnp.asarray(a) for a in arrays]
     here = np.vectorize(lambda d: d.process_index == jax.process_index())(mesh.devices)
@@ -167,22 +175,24 @@ def _check_batch(input_ids, attention_mask, loss_mask):
     return ids.astype(np.int32), mask.astype(np.int32), targets.astype(np.int32)
 
 
-def first_target_position(loss_mask, attention_mask) -> int:
-    """The first position (rounded down to a multiple of 32, so that few programs are compiled) whose
-    next token is a target in some row: the loss needs no logits before it. 0 in a job of several
-    processes, where each sees only its own rows and all must run the same program."""
+def targets_per_row_for(loss_mask, attention_mask) -> int | None:
+    """The most target positions of any row (rounded up to a multiple of 32, so that few programs are
+    compiled): the loss needs logits for no more. None (every position) in a job of several processes,
+    where each sees only its own rows and all must run the same program."""
     if jax.process_count() > 1:
-        return 0
+        return None
     targets = np.asarray(loss_mask)[:, 1:] * np.asarray(attention_mask)[:, 1:]
-    hits = np.flatnonzero(targets.any(axis=0))
-    return int(hits[0]) // 32 * 32 if hits.size else 0
+    most = int((targets != 0).sum(axis=1).max(initial=0))
+    return min(-(-max(most, 1) // 32) * 32, targets.shape[1])
 
 
 def _step_inputs(model: LlamaForCausalLM, input_ids, attention_mask, loss_mask) -> tuple[list, dict]:
     """The checked batch on the model's devices, and the train step's static arguments for it."""
     ids, mask, targets = _check_batch(input_ids, attention_mask, loss_mask)
-    static = dict(replicated=replicated(model), first_target=first_target_position(targets, mask))
-    return _on_mesh(model, ids, mask, targets), static
+    mesh = mesh_of(nnx.state(model))  # once: finding it walks the whole model
+    placement = None if mesh is None else NamedSharding(mesh, P())  # replicated(model)
+    static = dict(replicated=placement, targets_per_row=targets_per_row_for(targets, mask))
+    return _on_mesh(mesh, ids, mask, targets), static
 
 
 def train_step(
@@ -210,9 +220,8 @@ def _eval_loss(model, input_ids, attention_mask, loss_mask):
 
 def evaluate(model: LlamaForCausalLM, input_ids, attention_mask, loss_mask) -> float:
     """The loss on a batch, without training."""
-    return float(
-        host_value(_eval_loss(model, *_on_mesh(model, *_check_batch(input_ids, attention_mask, loss_mask))))
-    )
+    batch = _on_mesh(mesh_of(nnx.state(model)), *_check_batch(input_ids, attention_mask, loss_mask))
+    return float(host_value(_eval_loss(model, *batch)))
 
 
 _loss_sums = nnx.jit(loss_sums)
@@ -221,10 +230,11 @@ _loss_sums = nnx.jit(loss_sums)
 def held_out_loss(model: LlamaForCausalLM, dataset: Dataset, batch_size: int) -> float:
     """The mean loss over every target token of ``dataset`` (``llama_jax.data``), in file order."""
     total = count = 0.0
+    mesh = mesh_of(nnx.state(model))
     for batch in eval_batches(
         dataset, batch_size, process_index=jax.process_index(), process_count=jax.process_count()
     ):
-        batch_total, batch_count = _loss_sums(model, *_on_mesh(model, *batch))
+        batch_total, batch_count = _loss_sums(model, *_on_mesh(mesh, *batch))
         total, count = total + float(host_value(batch_total)), count + float(host_value(batch_count))
     return total / max(count, 1.0)
 
@@ -246,9 +256,10 @@ def perplexity(model: LlamaForCausalLM, token_ids, window: int = 256, batch_size
     attention_mask[windows - 1].ravel()[ids.size - (windows - 1) * window :] = 0  # the last window's padding
     loss_mask.ravel()[: ids.size] = 1
     total = count = 0.0
+    mesh = mesh_of(nnx.state(model))
     for start in range(0, rows, batch_size):
         batch = (a[start : start + batch_size] for a in (input_ids, attention_mask, loss_mask))
-        batch_total, batch_count = _loss_sums(model, *_on_mesh(model, *batch))
+        batch_total, batch_count = _loss_sums(model, *_on_mesh(mesh, *batch))
         total, count = total + float(host_value(batch_total)), count + float(host_value(batch_count))
     return float(np.exp(total / count))
 
@@ -546,9 +557,9 @@ def finetune(
             _train_step(
                 model,
                 optimizer,
-                *_on_mesh(model, *batch),
+                *_on_mesh(mesh, *batch),
                 replicated=placement,
-                first_target=first_target_position(batch[2], batch[1]),
+                targets_per_row=targets_per_row_for(batch[2], batch[1]),
             )
         )
         tokens += int(batch[1].sum()) * processes
