@@ -405,7 +405,7 @@ step checkpoint "$(capped 240)" write_checkpoint
 step parity "$(capped 180)" run_parity
 step bench "$(capped 300)" run_bench
 step profile "$(capped 120)" run_profile
-step train "$(capped 180)" run_train
+step train "$(capped 240)" run_train
 step quant "$(capped 150)" run_quant
 
 BUDGET=$((BUDGET_ALL - 15)) # 15 s for the summary

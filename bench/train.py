@@ -176,7 +176,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, help="tokens per row (default: 512 on a GPU, else 128)")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=6, help="the first one is reported apart")
+    parser.add_argument("--steps", type=int, default=10, help="the first one is reported apart")
     parser.add_argument("--output", default=os.path.join(HERE, "TRAIN_RESULTS.md"), help="'-' writes nothing")
     parser.add_argument(
         "--remat",
