@@ -112,12 +112,7 @@ def worker(args) -> None:
     if args.cache:  # JAX's persistent compilation cache, as the CLI keeps it
         llama_jax.enable_compilation_cache(args.cache)
     config = llama_jax.LlamaConfig.from_hf(args.model)
-    runner = {
-        "llama_jax": run_llama_jax,
-        "llama_jax_cached": run_llama_jax,
-        "llama_jax_remat": run_llama_jax,
-        "peft": run_peft,
-    }[args.worker]
+    runner = run_peft if args.worker == "peft" else run_llama_jax  # every llama_jax_* worker: the same run
     step = runner(args, config)
     times, losses = [], []
     for ids, mask, loss_mask in batches(config.vocab_size, args.batch, args.length, args.steps):

@@ -141,7 +141,11 @@ def replicated(model) -> NamedSharding | None:
     (None on one device). The train step keeps them there; left to itself, XLA's sharding propagation
     would split the updated ones like the kernels they adapt, and the next step would compile again
     for the new placement."""
-    mesh = mesh_of(nnx.state(model))
+    return _replicated_on(mesh_of(nnx.state(model)))
+
+
+def _replicated_on(mesh) -> NamedSharding | None:
+    """``replicated(model)`` for a mesh already found (None: one device)."""
     return None if mesh is None else NamedSharding(mesh, P())
 
 
@@ -190,8 +194,7 @@ def _step_inputs(model: LlamaForCausalLM, input_ids, attention_mask, loss_mask) 
     """The checked batch on the model's devices, and the train step's static arguments for it."""
     ids, mask, targets = _check_batch(input_ids, attention_mask, loss_mask)
     mesh = mesh_of(nnx.state(model))  # once: finding it walks the whole model
-    placement = None if mesh is None else NamedSharding(mesh, P())  # replicated(model)
-    static = dict(replicated=placement, targets_per_row=targets_per_row_for(targets, mask))
+    static = dict(replicated=_replicated_on(mesh), targets_per_row=targets_per_row_for(targets, mask))
     return _on_mesh(mesh, ids, mask, targets), static
 
 
@@ -532,7 +535,7 @@ def finetune(
         log(f"step 0: held-out loss {held_out[0]:.4f}")
 
     eval_every = eval_every or save_every
-    placement = replicated(model)
+    placement = _replicated_on(mesh)
     adapter_base = hub_id(base) or os.fspath(base)  # what peft's AutoPeftModel will look for
     bar_wanted = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=steps, initial=start, desc="finetune", disable=not bar_wanted, leave=False)
