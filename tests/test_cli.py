@@ -1,11 +1,15 @@
 """The command line: the main job, and one clear line (no traceback) for bad input."""
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
 
+import pytest
 from safetensors.numpy import load_file, save_file
+
+from llama_jax.cli import huge_page_environment, transparent_huge_pages
 
 
 def run_cli(*args, env=None):
@@ -143,3 +147,42 @@ def test_quantize_errors_are_one_line():
     )
     result = run_cli("generate", "x", "--quantize", "int3")
     assert result.returncode == 2 and "invalid choice: 'int3'" in result.stderr
+
+
+def test_huge_page_environment_decides_from_glibc_the_kernel_and_the_user():
+    on = "glibc.malloc.hugetlb=1"
+    assert huge_page_environment({}, ("glibc", "2.36"), "madvise") == {"GLIBC_TUNABLES": on}
+    kept = huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, ("glibc", "2.39"), "madvise")
+    assert kept == {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{on}"}
+    assert (
+        huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, ("glibc", "2.36"), "madvise")
+        is None
+    )
+    assert huge_page_environment({}, ("glibc", "2.34"), "madvise") is None  # the tunable came in 2.35
+    assert huge_page_environment({}, ("glibc", "2.36"), "always") is None  # huge pages without asking
+    assert huge_page_environment({}, ("glibc", "2.36"), "never") is None
+    assert huge_page_environment({}, ("glibc", "2.36"), None) is None  # no transparent huge pages at all
+    assert huge_page_environment({}, ("", ""), "madvise") is None  # musl, or not Linux
+    assert huge_page_environment({}, ("glibc", ""), "madvise") is None  # no version to read
+
+
+def test_a_training_command_restarts_itself_with_huge_pages():
+    """``run()`` (what ``llama-jax`` and ``python -m llama_jax`` call) replaces the process with the same
+    command line and the tunable set, once; here the command line is a ``-c`` script that prints what it
+    sees each time it starts, then fails on a missing data file with the usual one line."""
+    if huge_page_environment({}, platform.libc_ver(), transparent_huge_pages()) is None:
+        pytest.skip(
+            f"no restart on this machine: {platform.libc_ver()}, huge pages {transparent_huge_pages()}"
+        )
+    script = (
+        "import os, sys; print('start', os.environ.get('GLIBC_TUNABLES'), file=sys.stderr, flush=True); "
+        "sys.argv = ['llama-jax', 'finetune', '--data', '/nonexistent.jsonl', '--output', '/nonexistent/run']; "
+        "from llama_jax.cli import run; run()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
+    lines = result.stderr.strip().splitlines()
+    assert lines[:2] == ["start None", "start glibc.malloc.hugetlb=1"], result.stderr
+    assert result.returncode == 2 and lines[-1].startswith("error: ") and len(lines) == 3, result.stderr

@@ -99,7 +99,7 @@ def test_wheel_and_sdist_pass_twine_check(dist):
         entry_points = whl.read(f"llama_jax-{llama_jax.__version__}.dist-info/entry_points.txt").decode()
     assert "License-Expression: Apache-2.0" in metadata
     assert 'Requires-Dist: torch>=2.11.0; extra == "reference"' in metadata
-    assert "llama-jax = llama_jax.cli:main" in entry_points
+    assert "llama-jax = llama_jax.cli:run" in entry_points
 
 
 def test_the_package_alone_in_a_fresh_venv(dist, tmp_path):

@@ -151,7 +151,9 @@ def split_rows(mesh: Mesh, *arrays: np.ndarray) -> list[jax.Array]:
 
 
 def mesh_of(tree) -> Mesh | None:
-    """The mesh the arrays of ``tree`` (a model's state) are sharded over, or None on one device."""
+    """The mesh the arrays of ``tree`` (a model, or its state) are sharded over, or None on one device."""
+    if jax.device_count() == 1:  # no mesh to find: skip the walk over every array (per train step)
+        return None
     for leaf in jax.tree.leaves(tree):
         sharding = getattr(leaf, "sharding", None)
         if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:

@@ -141,7 +141,7 @@ def replicated(model) -> NamedSharding | None:
     (None on one device). The train step keeps them there; left to itself, XLA's sharding propagation
     would split the updated ones like the kernels they adapt, and the next step would compile again
     for the new placement."""
-    return _replicated_on(mesh_of(nnx.state(model)))
+    return _replicated_on(mesh_of(model))
 
 
 def _replicated_on(mesh) -> NamedSharding | None:
@@ -150,7 +150,7 @@ def _replicated_on(mesh) -> NamedSharding | None:
 
 
 def _on_mesh(mesh, *arrays):
-    """The batch as global arrays on ``mesh`` (a sharded model's, ``mesh_of(nnx.state(model))``; None on one
+    """The batch as global arrays on ``mesh`` (a sharded model's, ``mesh_of(model)``; None on one
     device). On a mesh the arrays hold *this process's* rows (every row in a one-process job): they go to
     this process's devices along the mesh's "batch" axis, and the global batch is every process's rows in
     process order (``jax.make_array_from_process_local_data``)."""
@@ -193,7 +193,7 @@ def targets_per_row_for(loss_mask, attention_mask) -> int | None:
 def _step_inputs(model: LlamaForCausalLM, input_ids, attention_mask, loss_mask) -> tuple[list, dict]:
     """The checked batch on the model's devices, and the train step's static arguments for it."""
     ids, mask, targets = _check_batch(input_ids, attention_mask, loss_mask)
-    mesh = mesh_of(nnx.state(model))  # once: finding it walks the whole model
+    mesh = mesh_of(model)  # once
     static = dict(replicated=_replicated_on(mesh), targets_per_row=targets_per_row_for(targets, mask))
     return _on_mesh(mesh, ids, mask, targets), static
 
@@ -223,7 +223,7 @@ def _eval_loss(model, input_ids, attention_mask, loss_mask):
 
 def evaluate(model: LlamaForCausalLM, input_ids, attention_mask, loss_mask) -> float:
     """The loss on a batch, without training."""
-    batch = _on_mesh(mesh_of(nnx.state(model)), *_check_batch(input_ids, attention_mask, loss_mask))
+    batch = _on_mesh(mesh_of(model), *_check_batch(input_ids, attention_mask, loss_mask))
     return float(host_value(_eval_loss(model, *batch)))
 
 
@@ -233,7 +233,7 @@ _loss_sums = nnx.jit(loss_sums)
 def held_out_loss(model: LlamaForCausalLM, dataset: Dataset, batch_size: int) -> float:
     """The mean loss over every target token of ``dataset`` (``llama_jax.data``), in file order."""
     total = count = 0.0
-    mesh = mesh_of(nnx.state(model))
+    mesh = mesh_of(model)
     for batch in eval_batches(
         dataset, batch_size, process_index=jax.process_index(), process_count=jax.process_count()
     ):
@@ -259,7 +259,7 @@ def perplexity(model: LlamaForCausalLM, token_ids, window: int = 256, batch_size
     attention_mask[windows - 1].ravel()[ids.size - (windows - 1) * window :] = 0  # the last window's padding
     loss_mask.ravel()[: ids.size] = 1
     total = count = 0.0
-    mesh = mesh_of(nnx.state(model))
+    mesh = mesh_of(model)
     for start in range(0, rows, batch_size):
         batch = (a[start : start + batch_size] for a in (input_ids, attention_mask, loss_mask))
         batch_total, batch_count = _loss_sums(model, *_on_mesh(mesh, *batch))
@@ -488,7 +488,7 @@ def finetune(
     saved_run = _check_output(output, resume) if me == 0 or resume else None  # one process checks
     if batch_size % processes:
         raise ValueError(f"--batch {batch_size} cannot be split evenly over {processes} processes")
-    mesh = mesh_of(nnx.state(model))
+    mesh = mesh_of(model)
     if mesh is not None and batch_size % mesh.shape["batch"]:
         raise ValueError(
             f"--batch {batch_size} cannot be split over the mesh's 'batch' axis of {mesh.shape['batch']}: "
