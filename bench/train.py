@@ -15,7 +15,7 @@ steps (batch x sequence length / mean step time), peak RSS and peak device memor
 printed and written to bench/TRAIN_RESULTS.md; compare ratios from one run only.
 
 Every worker runs in the environment ``llama-jax finetune`` gives itself (glibc's large allocations in
-transparent huge pages, where glibc and the kernel allow: ``llama_jax.cli.huge_page_environment``);
+transparent huge pages, where glibc and the kernel allow: ``llama_jax.cli.training_environment``);
 where that differs from this process's own environment, llama_jax (from the compilation cache) and
 transformers + peft also run in the latter (on the CPU only), and peft's faster run is the reference.
 """
@@ -205,9 +205,9 @@ def main(argv=None) -> None:
 
         args.model = llama_jax.default_checkpoint()
 
-    from llama_jax.cli import huge_page_environment, transparent_huge_pages
+    from llama_jax.cli import training_environment
 
-    huge_pages = huge_page_environment(os.environ, platform.libc_ver(), transparent_huge_pages())
+    huge_pages = training_environment()
     environment = huge_pages or dict(os.environ)
     tunables = environment.get("GLIBC_TUNABLES") or "(none)"
     runs = [  # (worker, its environment): the finetune command's, then both again in this one if it differs

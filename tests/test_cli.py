@@ -170,7 +170,8 @@ def test_a_training_command_restarts_itself_with_huge_pages():
     """``run()`` (what ``llama-jax`` and ``python -m llama_jax`` call) replaces the process with the same
     command line and the tunable set, once; here the command line is a ``-c`` script that prints what it
     sees each time it starts, then fails on a missing data file with the usual one line."""
-    if huge_page_environment({}, platform.libc_ver(), transparent_huge_pages()) is None:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if huge_page_environment(env, platform.libc_ver(), transparent_huge_pages()) is None:
         pytest.skip(
             f"no restart on this machine: {platform.libc_ver()}, huge pages {transparent_huge_pages()}"
         )
@@ -179,7 +180,6 @@ def test_a_training_command_restarts_itself_with_huge_pages():
         "sys.argv = ['llama-jax', 'finetune', '--data', '/nonexistent.jsonl', '--output', '/nonexistent/run']; "
         "from llama_jax.cli import run; run()"
     )
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
     )

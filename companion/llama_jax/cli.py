@@ -387,10 +387,11 @@ def huge_page_environment(environ, libc: tuple[str, str], thp_mode: str | None) 
     with a fresh ``mmap``, and the kernel then faults it in 4 KiB page by page: 600,000 faults and 1.3 s
     of system time per 4 s step on our 2-core CPU. With ``glibc.malloc.hugetlb=1`` glibc asks for
     transparent huge pages on such mappings (``madvise``): 2 MiB pages, 2,000 faults per step, the step
-    10 to 20% faster (bench/README.md). That takes glibc 2.35 or newer and a kernel whose transparent huge pages are on
-    ``madvise`` (``thp_mode``: the selected word of /sys/kernel/mm/transparent_hugepage/enabled; with
-    ``always`` large mappings get huge pages anyway, with ``never`` there are none). A ``GLIBC_TUNABLES``
-    that already names ``glibc.malloc.hugetlb`` is the user's choice and is kept."""
+    10 to 20% faster (bench/README.md). That takes glibc 2.35 or newer and a kernel whose transparent
+    huge pages are on ``madvise`` (``thp_mode``: the selected word of
+    /sys/kernel/mm/transparent_hugepage/enabled; with ``always`` large mappings get huge pages anyway,
+    with ``never`` there are none). A ``GLIBC_TUNABLES`` that already names ``glibc.malloc.hugetlb`` is
+    the user's choice and is kept."""
     name, version = libc
     tunables = environ.get("GLIBC_TUNABLES", "")
     if name != "glibc" or thp_mode != "madvise" or "glibc.malloc.hugetlb" in tunables:
@@ -413,15 +414,22 @@ def transparent_huge_pages() -> str | None:
     return next((w.strip("[]") for w in words if w.startswith("[")), None)
 
 
+def training_environment() -> dict | None:
+    """``huge_page_environment`` for this process on this machine: the environment ``finetune``
+    restarts itself in, or None where it runs as it is."""
+    if sys.platform != "linux":
+        return None
+    return huge_page_environment(os.environ, platform.libc_ver(), transparent_huge_pages())
+
+
 def run() -> None:
     """The ``llama-jax`` program (and ``python -m llama_jax``): ``main`` on this process's command line,
     restarted first for a training command when ``huge_page_environment`` asks for it. (``main(argv)``
     itself never restarts the process: a test or a notebook may call it.)"""
     args = _parser().parse_args()  # --help and usage errors end here, before any restart
-    if args.command in TRAINING_COMMANDS and sys.platform == "linux":
-        environ = huge_page_environment(os.environ, platform.libc_ver(), transparent_huge_pages())
-        if environ is not None:
-            os.execve(sys.executable, sys.orig_argv, environ)  # the same command; this process is replaced
+    environ = training_environment() if args.command in TRAINING_COMMANDS else None
+    if environ is not None:
+        os.execve(sys.executable, sys.orig_argv, environ)  # the same command; this process is replaced
     sys.exit(main())
 
 

@@ -7,11 +7,10 @@ produced transformers' greedy tokens (the "same tokens" column is computed by th
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
-from llama_jax.cli import huge_page_environment, transparent_huge_pages
+from llama_jax.cli import training_environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -88,7 +87,7 @@ def test_train_bench_runs_on_a_tiny_checkpoint(tiny_checkpoints, tmp_path):
     # every worker runs in the environment `llama-jax finetune` gives itself; where that is not this
     # one (glibc's huge pages turned on), llama_jax and peft run again in this one, and peft's faster run
     # is 1.00x
-    huge_pages = huge_page_environment(os.environ, platform.libc_ver(), transparent_huge_pages())
+    huge_pages = training_environment()
     assert len(rows) == (5 if huge_pages else 3), report
     assert labels[0].startswith("llama_jax `train") and "compilation cache" in labels[1]
     assert labels[2] == "transformers + peft (PyTorch)"
