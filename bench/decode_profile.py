@@ -2,9 +2,12 @@
 
     python bench/decode_profile.py --model DIR [--dtype bfloat16] [--batch 1] [--new-tokens 64]
     python bench/decode_profile.py --dtype float32 --quantize int8    # the bundled model, int8 weights
+    python bench/decode_profile.py --model DIR --framework keras_hub   # keras-hub's generate, the same way
 
-After two warm calls, one call of ``llama_jax.generate`` (a prompt of ``--prompt-tokens`` tokens,
-``--new-tokens`` new ones, EOS off) runs under ``jax.profiler.trace``; the trace is read back with
+After warm calls, one call of ``llama_jax.generate`` (a prompt of ``--prompt-tokens`` tokens,
+``--new-tokens`` new ones, EOS off) runs under ``jax.profiler.trace``; with ``--framework keras_hub``,
+one of keras-hub's ``Llama3CausalLM.generate`` instead (set up as ``bench/generate.py`` sets it up; a
+JAX program too, so its operations are counted alike). The trace is read back with
 ``jax.profiler.ProfileData``. On a GPU the kernels are the events of the device's stream lines; on a
 CPU, the XLA operations run by XLA's thread pools. Printed (and written to ``--output`` as markdown):
 kernels and device-busy time per new token, against the wall time per new token. Busy time well below
@@ -25,16 +28,24 @@ import time
 
 import jax
 import numpy as np
+from generate import LABELS, setup_keras_hub  # bench/generate.py: keras-hub set up as the benchmark does
 from jax.profiler import ProfileData
 
 import llama_jax
 
-# events of XLA's CPU thread pools that are bookkeeping, not operations
+os.environ.setdefault("KERAS_BACKEND", "jax")  # before keras-hub is imported
+FRAMEWORKS = {name: LABELS[name] for name in ("llama_jax", "keras_hub")}
+
+# events of XLA's CPU thread pools that are not operations: bookkeeping, and the "end: dot.3" marker
+# an operation run asynchronously leaves when it completes (counting those doubled the count)
 CPU_BOOKKEEPING = (
     "ThunkExecutor::Execute",
-    "ThreadpoolListener::StartRegion",
-    "ThreadpoolListener::StopRegion",
+    "ThreadpoolListener::",
+    "SlinkyThreadPool::",
+    "end: ",
 )
+# control flow, whose event spans the operations of its body: counting it would count them twice
+CPU_CONTROL_FLOW = re.compile(r"(while|conditional|call)(\.\d+)?$")
 
 
 def kernel_events(profile: ProfileData) -> list[tuple[str, float]]:
@@ -49,21 +60,25 @@ def kernel_events(profile: ProfileData) -> list[tuple[str, float]]:
             for line in plane.lines:
                 if line.name.startswith("tf_XLA"):
                     events += [
-                        (e.name, e.duration_ns) for e in line.events if not e.name.startswith(CPU_BOOKKEEPING)
+                        (e.name, e.duration_ns)
+                        for e in line.events
+                        if not e.name.startswith(CPU_BOOKKEEPING) and not CPU_CONTROL_FLOW.match(e.name)
                     ]
     return events
 
 
-def profile_decode(model, ids: np.ndarray, new_tokens: int) -> dict:
+def profile_decode(generate, ids: np.ndarray, new_tokens: int) -> dict:
+    """Trace one ``generate(ids, new_tokens)`` call (EOS off) after warming it and the 1-token call."""
     for _ in range(2):  # compile, then one warm call
-        llama_jax.generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[])
+        generate(ids, new_tokens)
+    generate(ids, 1)  # the 1-token call may be a program of its own: warm it too
     start = time.perf_counter()
-    llama_jax.generate(model, ids, max_new_tokens=1, eos_token_id=[])
+    generate(ids, 1)
     ttft = time.perf_counter() - start
     directory = tempfile.mkdtemp(prefix="decode-profile-")
     with jax.profiler.trace(directory):
         start = time.perf_counter()
-        llama_jax.generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[])
+        generate(ids, new_tokens)
         wall = time.perf_counter() - start
     (path,) = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
     events = kernel_events(ProfileData.from_file(path))
@@ -79,12 +94,13 @@ def report(args, result, backend: str) -> str:
     n = args.new_tokens
     decode_wall = result["wall"] - result["ttft"]
     lines = [
-        f"# Decode profile: {os.path.basename(os.path.normpath(args.model))}, {args.dtype}"
+        f"# Decode profile: {FRAMEWORKS[args.framework]}, "
+        f"{os.path.basename(os.path.normpath(args.model))}, {args.dtype}"
         + (f", {args.quantize} weights" if args.quantize else "")
         + f", batch {args.batch}",
         "",
         f"- {backend}: {jax.devices()[0].device_kind}; jax {jax.__version__}",
-        f"- one `generate` call: {args.prompt_tokens} prompt tokens, {n} new tokens, traced with jax.profiler",
+        f"- one generate call: {args.prompt_tokens} prompt tokens, {n} new tokens, traced with jax.profiler",
         "",
         "| per new token | value |",
         "|---|---|",
@@ -120,6 +136,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--model", help="a Hugging Face Llama checkpoint directory (default: the bundled model)"
     )
+    parser.add_argument("--framework", default="llama_jax", choices=list(FRAMEWORKS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -133,6 +150,28 @@ def main(argv=None) -> None:
     parser.add_argument("--output", help="also write the report to this markdown file")
     args = parser.parse_args(argv)
     args.model = args.model or llama_jax.default_checkpoint()
+    if args.framework == "keras_hub":
+        if args.quantize:
+            parser.error("--quantize is for llama_jax only")
+        config = llama_jax.LlamaConfig.from_hf(args.model)
+        generate = setup_keras_hub(args.model, config, args.dtype, jax.default_backend() == "gpu")
+    else:
+        model = load_llama_jax(args)
+        config = model.config
+
+        def generate(ids, n):
+            return llama_jax.generate(model, ids, max_new_tokens=n, eos_token_id=[])
+
+    ids = np.random.default_rng(0).integers(3, config.vocab_size, (args.batch, args.prompt_tokens))
+    result = profile_decode(generate, ids.astype(np.int32), args.new_tokens)
+    text = report(args, result, jax.default_backend())
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+
+
+def load_llama_jax(args):
     if args.quantize == "gguf":
         gguf = llama_jax.checkpoints.bundled_gguf_path()
         model = llama_jax.convert.from_gguf(gguf, args.dtype, progress=False, keep_quantized=True)
@@ -141,14 +180,7 @@ def main(argv=None) -> None:
     if args.quantize in ("int8", "int4"):
         bits, group_size = (8, None) if args.quantize == "int8" else (4, 32)
         llama_jax.quantize(model, bits=bits, group_size=group_size, embeddings=True)
-    vocab = model.config.vocab_size
-    ids = np.random.default_rng(0).integers(3, vocab, (args.batch, args.prompt_tokens)).astype(np.int32)
-    result = profile_decode(model, ids, args.new_tokens)
-    text = report(args, result, jax.default_backend())
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+    return model
 
 
 if __name__ == "__main__":

@@ -22,12 +22,14 @@
 #   checkpoint  random weights in Llama 3.2 1B's shape, tests/llama_1b_shape.py's recipe
 #   parity      bench/parity.py: float32 logits against transformers, "highest" and default precision
 #   bench       bench/generate.py --random-llama-3.2-1b (a bfloat16 checkpoint of its own on a GPU)
-#   profile     bench/decode_profile.py: kernels and device-busy time per decoded token, batch 1
+#   profile     bench/decode_profile.py: kernels and device-busy time per decoded token, batch 1, for
+#               each of $GPU_CHECK_PROFILE_FRAMEWORKS
 #   train       bench/train.py --random-llama-3.2-1b: LoRA training against transformers + peft
 #   quant       bench/quant.py on the checkpoint: int8 and int4 (groups of 32) computing in bfloat16
 #               against bfloat16 and float32 (quality on random ids, decode at batch 1 and 8)
 #   nbmake      every chapter notebook under pytest --nbmake, on the checkpoint, several at once
-#   summary     one table: each step's status, each chapter's outcome and time, parity, the benchmark
+#   summary     one table: each step's status, each chapter's outcome and time, each chapter's slowest
+#               cells (and the cell it was in if the budget ran out), parity, the benchmark
 # The whole run stays within $GPU_CHECK_BUDGET seconds: the steps before nbmake are capped so that
 # nbmake keeps at least $GPU_CHECK_NBMAKE_MIN seconds, and nbmake gets what is left. The exit status is
 # 0 when every step passed, else 1.
@@ -38,6 +40,8 @@
 #   GPU_CHECK_CHAPTERS    chapter numbers, e.g. "01 03"      all but 09_b (* "01 03")
 #   GPU_CHECK_WORKERS     notebooks run at once (xdist)      6 (* 1)
 #   GPU_CHECK_FRAMEWORKS  benchmark rows                     llama_jax,transformers,keras_hub
+#   GPU_CHECK_PROFILE_FRAMEWORKS
+#                         decode profiles, in order          llama_jax keras_hub
 #   GPU_CHECK_BENCH_ARGS  benchmark arguments                --random-llama-3.2-1b
 #                                                            (* --model CHECKPOINT and a short run)
 #   GPU_CHECK_TAG         the results file's name            the GPU's model: H100 -> RESULTS_H100.md
@@ -120,6 +124,7 @@ else
     TRAIN_ARGS="--random-llama-3.2-1b"
 fi
 FRAMEWORKS=${GPU_CHECK_FRAMEWORKS:-llama_jax,transformers,keras_hub}
+PROFILE_FRAMEWORKS=${GPU_CHECK_PROFILE_FRAMEWORKS:-llama_jax keras_hub}
 BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-$DEFAULT_BENCH}
 NBMAKE_MIN=${GPU_CHECK_NBMAKE_MIN:-200}
 TOKENIZER=${GPU_CHECK_TOKENIZER:-$ROOT/.devkit/smollm2-tokenizer}
@@ -287,8 +292,13 @@ run_bench() {
 }
 
 run_profile() {
-    # shellcheck disable=SC2086 # PROFILE_ARGS is a list of arguments
-    "$PY" bench/decode_profile.py --model "$CHECKPOINT" $PROFILE_ARGS --output "$OUT/decode_profile_$TAG.md"
+    local framework status=0
+    for framework in $PROFILE_FRAMEWORKS; do
+        # shellcheck disable=SC2086 # PROFILE_ARGS is a list of arguments
+        "$PY" bench/decode_profile.py --model "$CHECKPOINT" --framework "$framework" $PROFILE_ARGS \
+            --output "$OUT/decode_profile_${framework}_$TAG.md" || status=1
+    done
+    return "$status"
 }
 
 run_train() {
@@ -314,11 +324,13 @@ run_nbmake() {
     # The platform allocator returns freed GPU memory at once, so notebooks running side by side
     # (each may hold three float32 copies of the model) do not keep each other's freed memory.
     # SIGINT on timeout: pytest stops like on Ctrl-C and still writes the junit file.
+    # bench/cell_times.py logs each cell's start and end to cell_times.tsv: the summary shows each
+    # chapter's slowest cells, and the cell a chapter was in when the budget ran out
     env LLAMA_JAX_MODEL="$CHECKPOINT" JAX_DEFAULT_MATMUL_PRECISION=highest \
         XLA_PYTHON_CLIENT_ALLOCATOR="${GPU_CHECK_NB_ALLOCATOR:-platform}" \
-        OMP_NUM_THREADS="${GPU_CHECK_NB_THREADS:-4}" \
+        OMP_NUM_THREADS="${GPU_CHECK_NB_THREADS:-4}" CELL_TIMES="$OUT/cell_times.tsv" \
         timeout -s INT -k 30 "$1" \
-        "$PY" -m pytest -p no:cacheprovider --nbmake --nbmake-timeout=600 \
+        "$PY" -m pytest -p no:cacheprovider -p bench.cell_times --nbmake --nbmake-timeout=600 \
         -n "$WORKERS" --dist loadfile -v --durations=0 --junitxml="$OUT/nbmake.xml" "${@:2}" 2>&1 |
         tee "$OUT/nbmake.log"
     return "${PIPESTATUS[0]}"
@@ -330,7 +342,7 @@ summary() {
         echo
         echo "| step | exit | seconds |"
         echo "|---|---|---|"
-        local row
+        local row framework profile
         for row in "${STEPS[@]}"; do
             IFS=$'\t' read -r n s t <<<"$row"
             echo "| $n | $s | $t |"
@@ -366,11 +378,20 @@ for name in notebooks:
     print(f"| {name} | {outcome} | {float(case.get('time', 0)):.0f} |")
 EOF
         echo
+        if [[ -f $OUT/cell_times.tsv ]]; then
+            echo "Each chapter's slowest cells (bench/cell_times.py; cell: its index in the notebook):"
+            echo
+            "$PY" bench/cell_times.py "$OUT/cell_times.tsv"
+            echo
+        fi
         [[ -f $OUT/parity.txt ]] && grep -E '^(\||PARITY|checkpoint|[0-9]+ layers)' "$OUT/parity.txt"
         echo
         [[ -f $OUT/RESULTS_$TAG.md ]] && grep -E '^\|' "$OUT/RESULTS_$TAG.md"
         echo
-        [[ -f $OUT/decode_profile_$TAG.md ]] && grep -E '^\|' "$OUT/decode_profile_$TAG.md"
+        for framework in $PROFILE_FRAMEWORKS; do
+            profile=$OUT/decode_profile_${framework}_$TAG.md
+            [[ -f $profile ]] && head -1 "$profile" && grep -E '^\|' "$profile" | head -8
+        done
         echo
         [[ -f $OUT/TRAIN_RESULTS_$TAG.md ]] && grep -E '^\|' "$OUT/TRAIN_RESULTS_$TAG.md"
         echo
@@ -383,10 +404,10 @@ EOF
 START_EPOCH=$(date +%s)
 echo "gpu_check: $([[ $LOCAL == 1 ]] && echo local || echo device) mode, budget $BUDGET s, out $OUT"
 echo "python $PY, checkpoint $CHECKPOINT ($LAYERS layers), $WORKERS notebooks at once"
-rm -f "$OUT/nbmake.xml" "$OUT/parity.txt" "$OUT/RESULTS_$TAG.md" "$OUT/decode_profile_$TAG.md" "$OUT/TRAIN_RESULTS_$TAG.md" \
+rm -f "$OUT/nbmake.xml" "$OUT/cell_times.tsv" "$OUT/parity.txt" "$OUT/RESULTS_$TAG.md" "$OUT"/decode_profile_*_"$TAG".md "$OUT/TRAIN_RESULTS_$TAG.md" \
     "$OUT/QUANT_RESULTS_$TAG.md"
 
-export PY LAYERS CHAPTERS WORKERS TAG CHECKPOINT FRAMEWORKS BENCH_ARGS TOKENIZER WHEELS SITE OUT PROFILE_ARGS TRAIN_ARGS \
+export PY LAYERS CHAPTERS WORKERS TAG CHECKPOINT FRAMEWORKS PROFILE_FRAMEWORKS BENCH_ARGS TOKENIZER WHEELS SITE OUT PROFILE_ARGS TRAIN_ARGS \
     LOCAL
 export -f env_report install_wheels smoke smoke_with_fallback write_checkpoint run_parity run_bench run_nbmake \
     run_profile run_train run_quant
@@ -404,7 +425,7 @@ step smoke "$(capped 180)" smoke_with_fallback
 step checkpoint "$(capped 240)" write_checkpoint
 step parity "$(capped 180)" run_parity
 step bench "$(capped 300)" run_bench
-step profile "$(capped 120)" run_profile
+step profile "$(capped 180)" run_profile
 step train "$(capped 240)" run_train
 step quant "$(capped 150)" run_quant
 

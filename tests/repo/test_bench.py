@@ -122,7 +122,8 @@ def test_parity_tool_passes_on_a_checkpoint_and_its_gate_can_fail(tiny_checkpoin
 
 def test_decode_profile_counts_the_operations_of_a_generate_call(tiny_checkpoints, tmp_path):
     """bench/decode_profile.py (run on the GPU machine too) reads back its own trace: it finds the
-    operations XLA ran (a decode step has at least one per layer) and writes its report."""
+    operations XLA ran (a decode step has at least one per layer) and writes its report, for llama_jax
+    (float32, int8) and keras-hub."""
     output = tmp_path / "profile.md"
     command = [sys.executable, os.path.join(ROOT, "bench", "decode_profile.py")]
     command += ["--model", tiny_checkpoints["untied"], "--dtype", "float32", "--new-tokens", "4"]
@@ -148,6 +149,17 @@ def test_decode_profile_counts_the_operations_of_a_generate_call(tiny_checkpoint
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert ", int8 weights, batch 1" in output.read_text().splitlines()[0]
+    done = subprocess.run(  # keras-hub's generate, the same way
+        [*command, "--framework", "keras_hub", "--prompt-tokens", "8", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = output.read_text()
+    assert report.startswith("# Decode profile: keras-hub `Llama3CausalLM.generate` (JAX), ")
+    per_token = next(line for line in report.splitlines() if line.startswith("| XLA operations"))
+    assert float(per_token.split("|")[2]) >= 2
 
 
 def test_quant_bench_runs_on_a_tiny_checkpoint(tiny_chat_checkpoint, tmp_path):
@@ -173,3 +185,37 @@ def test_quant_bench_runs_on_a_tiny_checkpoint(tiny_chat_checkpoint, tmp_path):
     assert float(rows["int8"][1]) < float(rows["float32"][1])  # fewer weight bytes
     assert rows["int8"][8].endswith("x")  # decode speed against float32 (the value is not asserted)
     assert "- int4 g128: not run: group_size=128 does not divide" in report
+
+
+def test_cell_times_logs_every_cell_of_an_nbmake_run(tmp_path):
+    import nbformat
+
+    notebook = tmp_path / "timed.ipynb"
+    cells = [nbformat.v4.new_markdown_cell("# A"), nbformat.v4.new_code_cell("import time\ntime.sleep(0.3)")]
+    cells.append(nbformat.v4.new_code_cell("x = 1"))
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), notebook)
+    log = tmp_path / "cell_times.tsv"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "bench.cell_times", "--nbmake", "-q"]
+        + [str(notebook)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "CELL_TIMES": str(log)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line.split("\t") for line in log.read_text().splitlines()]
+    assert [line[:2] for line in lines] == [["timed", "1"], ["timed", "1"], ["timed", "2"], ["timed", "2"]]
+    assert lines[0][2] == "started" and float(lines[1][2]) >= 0.3 and lines[1][3] == "import time"
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        from cell_times import summary
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    with open(log, "a") as f:  # a run killed inside cell 4
+        f.write("timed\t4\tstarted\twhile True: pass\n")
+    table = summary(str(log))
+    assert "| timed | 4 | **not finished** | `while True: pass` |" in table
+    assert table.index("not finished") < table.index("| timed | 1 | ")
