@@ -39,13 +39,18 @@ def _timed(execute_cell, path: str):
     async def timed_execute_cell(self, cell, cell_index, *args, **kwargs):
         if cell.cell_type != "code":
             return await execute_cell(self, cell, cell_index, *args, **kwargs)
-        notebook = _notebook
-        _log(path, notebook, cell_index, "started", _first_line(cell.source))
+        notebook, first = _notebook, _first_line(cell.source)
+        _log(path, notebook, cell_index, "started", first)
         start = time.perf_counter()
+        # An interruption (Ctrl-C, the budget's SIGINT, a cancelled task: not an Exception) leaves no end
+        # line, so the summary shows the cell as not finished; a cell that failed or timed out has one.
         try:
-            return await execute_cell(self, cell, cell_index, *args, **kwargs)
-        finally:
-            _log(path, notebook, cell_index, f"{time.perf_counter() - start:.1f}", _first_line(cell.source))
+            result = await execute_cell(self, cell, cell_index, *args, **kwargs)
+        except Exception:
+            _log(path, notebook, cell_index, f"{time.perf_counter() - start:.1f}", first)
+            raise
+        _log(path, notebook, cell_index, f"{time.perf_counter() - start:.1f}", first)
+        return result
 
     return timed_execute_cell
 

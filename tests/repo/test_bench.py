@@ -6,9 +6,12 @@ produced transformers' greedy tokens (the "same tokens" column is computed by th
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+
+import pytest
 
 from llama_jax.cli import training_environment
 
@@ -188,6 +191,8 @@ def test_quant_bench_runs_on_a_tiny_checkpoint(tiny_chat_checkpoint, tmp_path):
 
 
 def test_cell_times_logs_every_cell_of_an_nbmake_run(tmp_path):
+    """bench/cell_times.py (gpu_check's nbmake step loads it) logs each code cell's start and time as
+    nbmake runs it; a cell interrupted before its end shows in the summary as not finished."""
     import nbformat
 
     notebook = tmp_path / "timed.ipynb"
@@ -211,11 +216,18 @@ def test_cell_times_logs_every_cell_of_an_nbmake_run(tmp_path):
 
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
-        from cell_times import summary
+        import cell_times
     finally:
         sys.path.remove(os.path.join(ROOT, "bench"))
-    with open(log, "a") as f:  # a run killed inside cell 4
-        f.write("timed\t4\tstarted\twhile True: pass\n")
-    table = summary(str(log))
+
+    async def interrupted(client, cell, cell_index):  # a run stopped inside cell 4 (SIGINT, cancelled)
+        raise asyncio.CancelledError
+
+    cell_times._notebook = "timed"
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(
+            cell_times._timed(interrupted, str(log))(None, nbformat.v4.new_code_cell("while True: pass"), 4)
+        )
+    table = cell_times.summary(str(log))
     assert "| timed | 4 | **not finished** | `while True: pass` |" in table
     assert table.index("not finished") < table.index("| timed | 1 | ")
