@@ -6,7 +6,8 @@
 nbmake reports one time per notebook. With this plugin loaded, every code cell appends a line to
 ``$CELL_TIMES`` (default ``cell_times.tsv``) when it starts and another when it ends, from the process
 that drives the kernel (each xdist worker, too), flushed at once: a run killed at its time limit still
-says which cell it was in. Lines are ``notebook<TAB>cell index<TAB>started|seconds<TAB>first line``.
+says which cell it was in. Lines are ``notebook<TAB>cell index<TAB>started|seconds<TAB>first line``, and
+after a cell that failed, ``<TAB>`` and the error's name (``DeadKernelError`` where SIGINT stopped the run).
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ def _timed(execute_cell, path: str):
         notebook, first = _notebook, _first_line(cell.source)
         _log(path, notebook, cell_index, "started", first)
         start = time.perf_counter()
-        # An interruption (Ctrl-C, the budget's SIGINT, a cancelled task: not an Exception) leaves no end
-        # line, so the summary shows the cell as not finished; a cell that failed or timed out has one.
+        # A cell that fails or times out ends with the error's name; so does one stopped by SIGINT at the
+        # budget, which reaches the kernel too (DeadKernelError). A task cancelled here (not an
+        # Exception) leaves no end line: the summary says "not finished".
         try:
             result = await execute_cell(self, cell, cell_index, *args, **kwargs)
-        except Exception:
-            _log(path, notebook, cell_index, f"{time.perf_counter() - start:.1f}", first)
+        except Exception as error:
+            name = getattr(error, "ename", "") or type(error).__name__  # ename: the kernel's exception
+            _log(path, notebook, cell_index, f"{time.perf_counter() - start:.1f}", first, name)
             raise
         _log(path, notebook, cell_index, f"{time.perf_counter() - start:.1f}", first)
         return result
@@ -75,22 +78,25 @@ def pytest_configure(config) -> None:
 
 
 def summary(path: str, slowest: int = 3) -> str:
-    """Markdown: per notebook, its slowest finished cells and any cell that started and never ended."""
+    """Markdown: per notebook, its slowest finished cells (with the error's name where one failed or was
+    stopped) and any cell that started and never ended."""
     finished, started = collections.defaultdict(dict), collections.defaultdict(dict)
     with open(path) as f:
         for line in f:
-            notebook, index, what, first = (line.rstrip("\n").split("\t") + [""] * 4)[:4]
+            notebook, index, what, first, error = (line.rstrip("\n").split("\t") + [""] * 5)[:5]
             if what == "started":
                 started[notebook][int(index)] = first
             else:
-                finished[notebook][int(index)] = (float(what), first)
+                finished[notebook][int(index)] = (float(what), first, error)
     rows = ["| chapter | cell | seconds | first line |", "|---|---|---|---|"]
     for notebook in sorted(set(started) | set(finished)):
         for index in sorted(set(started[notebook]) - set(finished[notebook])):
             rows.append(f"| {notebook} | {index} | **not finished** | `{started[notebook][index]}` |")
         cells = sorted(finished[notebook].items(), key=lambda item: -item[1][0])[:slowest]
-        for index, (seconds, first) in cells:
-            rows.append(f"| {notebook} | {index} | {seconds:.1f} | `{first}` |")
+        for index, (seconds, first, error) in cells:
+            rows.append(
+                f"| {notebook} | {index} | {seconds:.1f}{f' ({error})' if error else ''} | `{first}` |"
+            )
     return "\n".join(rows)
 
 

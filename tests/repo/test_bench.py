@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 
@@ -194,6 +195,7 @@ def test_cell_times_logs_every_cell_of_an_nbmake_run(tmp_path):
     """bench/cell_times.py (gpu_check's nbmake step loads it) logs each code cell's start and time as
     nbmake runs it; a cell interrupted before its end shows in the summary as not finished."""
     import nbformat
+    from nbclient.exceptions import CellExecutionError
 
     notebook = tmp_path / "timed.ipynb"
     cells = [nbformat.v4.new_markdown_cell("# A"), nbformat.v4.new_code_cell("import time\ntime.sleep(0.3)")]
@@ -228,6 +230,13 @@ def test_cell_times_logs_every_cell_of_an_nbmake_run(tmp_path):
         asyncio.run(
             cell_times._timed(interrupted, str(log))(None, nbformat.v4.new_code_cell("while True: pass"), 4)
         )
+
+    async def failed(client, cell, cell_index):  # the kernel's error, as nbclient raises it
+        raise CellExecutionError("Traceback ...", "ZeroDivisionError", "division by zero")
+
+    with pytest.raises(CellExecutionError):
+        asyncio.run(cell_times._timed(failed, str(log))(None, nbformat.v4.new_code_cell("1 / 0"), 5))
     table = cell_times.summary(str(log))
     assert "| timed | 4 | **not finished** | `while True: pass` |" in table
+    assert re.search(r"\| timed \| 5 \| [0-9.]+ \(ZeroDivisionError\) \| `1 / 0` \|", table), table
     assert table.index("not finished") < table.index("| timed | 1 | ")
