@@ -222,7 +222,8 @@ def test_cell_times_logs_every_cell_of_an_nbmake_run(tmp_path):
     finally:
         sys.path.remove(os.path.join(ROOT, "bench"))
 
-    async def interrupted(client, cell, cell_index):  # a run stopped inside cell 4 (SIGINT, cancelled)
+    # this process stopped inside cell 4 (a cancelled task): no end line
+    async def interrupted(client, cell, cell_index):
         raise asyncio.CancelledError
 
     cell_times._notebook = "timed"
@@ -231,7 +232,8 @@ def test_cell_times_logs_every_cell_of_an_nbmake_run(tmp_path):
             cell_times._timed(interrupted, str(log))(None, nbformat.v4.new_code_cell("while True: pass"), 4)
         )
 
-    async def failed(client, cell, cell_index):  # the kernel's error, as nbclient raises it
+    # the kernel's error as nbclient raises it (after a SIGINT: DeadKernelError)
+    async def failed(client, cell, cell_index):
         raise CellExecutionError("Traceback ...", "ZeroDivisionError", "division by zero")
 
     with pytest.raises(CellExecutionError):
