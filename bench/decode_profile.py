@@ -3,11 +3,16 @@
     python bench/decode_profile.py --model DIR [--dtype bfloat16] [--batch 1] [--new-tokens 64]
     python bench/decode_profile.py --dtype float32 --quantize int8    # the bundled model, int8 weights
     python bench/decode_profile.py --model DIR --framework keras_hub   # keras-hub's generate, the same way
+    python bench/decode_profile.py --model DIR --framework llama_jax_fixed  # a loop with no early stop
 
 After warm calls, one call of ``llama_jax.generate`` (a prompt of ``--prompt-tokens`` tokens,
 ``--new-tokens`` new ones, EOS off) runs under ``jax.profiler.trace``; with ``--framework keras_hub``,
 one of keras-hub's ``Llama3CausalLM.generate`` instead (set up as ``bench/generate.py`` sets it up; a
-JAX program too, so its operations are counted alike). The trace is read back with
+JAX program too, so its operations are counted alike). ``--framework llama_jax_fixed`` runs the same
+model in an experiment of this script's: greedy prefill and decode in one program whose loop has a
+fixed trip count (``fori_loop``), with no stop test that depends on the tokens. ``generate``'s loop
+stops when every row has ended, so XLA's GPU runtime reads that condition back to the host at every
+step; the experiment shows what a decode step costs without that read. The trace is read back with
 ``jax.profiler.ProfileData``. On a GPU the kernels are the events of the device's stream lines; on a
 CPU, the XLA operations run by XLA's thread pools. Printed (and written to ``--output`` as markdown):
 kernels and device-busy time per new token, against the wall time per new token. Busy time well below
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import os
 import re
@@ -27,6 +33,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from generate import LABELS, setup_keras_hub  # bench/generate.py: keras-hub set up as the benchmark does
 from jax.profiler import ProfileData
@@ -35,6 +42,7 @@ import llama_jax
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # before keras-hub is imported
 FRAMEWORKS = {name: LABELS[name] for name in ("llama_jax", "keras_hub")}
+FRAMEWORKS["llama_jax_fixed"] = "llama_jax's model in a decode loop of fixed length (no early stop)"
 
 # events of XLA's CPU thread pools that are not operations: bookkeeping, and the "end: dot.3" marker
 # an operation run asynchronously leaves when it completes (counting those doubled the count)
@@ -90,6 +98,32 @@ def profile_decode(generate, ids: np.ndarray, new_tokens: int) -> dict:
     return {"wall": wall, "ttft": ttft, "kernels": len(events), "busy": busy, "totals": dict(totals)}
 
 
+def fixed_length_generate(model):
+    """``generate(ids, n)`` for ``--framework llama_jax_fixed``: greedy, no EOS, a cache of exactly
+    prompt + n slots, the n - 1 decode steps in a ``fori_loop`` of static length."""
+
+    @functools.partial(jax.jit, static_argnames="new_tokens")
+    def run(model, ids, new_tokens):
+        batch, prompt = ids.shape
+        dtype = model.model.norm.weight[...].dtype
+        cache = llama_jax.KVCache.zeros(model.config, batch, prompt + new_tokens, dtype)
+        kv_mask = jnp.broadcast_to(jnp.arange(prompt + new_tokens) < prompt, (batch, prompt + new_tokens))
+        hidden, cache = model.model(ids, kv_mask, cache, 0)
+        token = jnp.argmax(model.logits(hidden[:, -1]), axis=-1).astype(jnp.int32)
+        out = jnp.zeros((batch, new_tokens), jnp.int32).at[:, 0].set(token)
+
+        def step(i, carry):  # token i + 1 from token i, which goes to cache slot prompt + i
+            token, cache, kv_mask, out = carry
+            kv_mask = jax.lax.dynamic_update_slice_in_dim(kv_mask, jnp.ones((batch, 1), bool), prompt + i, 1)
+            hidden, cache = model.model(token[:, None], kv_mask, cache, prompt + i)
+            token = jnp.argmax(model.logits(hidden[:, 0]), axis=-1).astype(jnp.int32)
+            return token, cache, kv_mask, jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i + 1, 1)
+
+        return jax.lax.fori_loop(0, new_tokens - 1, step, (token, cache, kv_mask, out))[3]
+
+    return lambda ids, n: np.asarray(run(model, ids, n))
+
+
 def report(args, result, backend: str) -> str:
     n = args.new_tokens
     decode_wall = result["wall"] - result["ttft"]
@@ -97,7 +131,8 @@ def report(args, result, backend: str) -> str:
         f"# Decode profile: {FRAMEWORKS[args.framework]}, "
         f"{os.path.basename(os.path.normpath(args.model))}, {args.dtype}"
         + (f", {args.quantize} weights" if args.quantize else "")
-        + f", batch {args.batch}",
+        + f", batch {args.batch}"
+        + (f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""),
         "",
         f"- {backend}: {jax.devices()[0].device_kind}; jax {jax.__version__}",
         f"- one generate call: {args.prompt_tokens} prompt tokens, {n} new tokens, traced with jax.profiler",
@@ -162,9 +197,22 @@ def main(argv=None) -> None:
         def generate(ids, n):
             return llama_jax.generate(model, ids, max_new_tokens=n, eos_token_id=[])
 
+        if args.framework == "llama_jax_fixed":  # the experiment, checked against generate's tokens
+            reference = generate
+            generate = fixed_length_generate(model)
+
     ids = np.random.default_rng(0).integers(3, config.vocab_size, (args.batch, args.prompt_tokens))
-    result = profile_decode(generate, ids.astype(np.int32), args.new_tokens)
+    ids = ids.astype(np.int32)
+    result = profile_decode(generate, ids, args.new_tokens)
     text = report(args, result, jax.default_backend())
+    if args.framework == "llama_jax_fixed":
+        ours, theirs = generate(ids, args.new_tokens)[0], reference(ids, args.new_tokens)[0]
+        same = int(np.cumprod(ours == theirs).sum())
+        text += (
+            f"\nSame greedy tokens as `llama_jax.generate` (first row, before the first difference): "
+            f"{same}/{args.new_tokens}. Random weights make near-ties, where a different fusion may round "
+            "the other way.\n"
+        )
     print(text)
     if args.output:
         with open(args.output, "w") as f:

@@ -13,8 +13,8 @@
 #
 #     bash bench/gpu_check.sh --local
 #
-# Steps, in this order, each under its own `timeout`; a step that fails or runs out of time is recorded
-# and the later steps still run:
+# Steps, by default in this order, each under its own `timeout`; a step that fails or runs out of time
+# is recorded and the later steps still run:
 #   env         the machine, the GPU, the versions of what matters
 #   install     the carried wheels into /tmp/site (not with --local), PYTHONPATH=/tmp/site:companion
 #   smoke       import llama_jax and generate 3 tokens from a tiny random model; if the machine's flax
@@ -23,16 +23,21 @@
 #   parity      bench/parity.py: float32 logits against transformers, "highest" and default precision
 #   bench       bench/generate.py --random-llama-3.2-1b (a bfloat16 checkpoint of its own on a GPU)
 #   profile     bench/decode_profile.py: kernels and device-busy time per decoded token, batch 1, for
-#               each of $GPU_CHECK_PROFILE_FRAMEWORKS
+#               each of $GPU_CHECK_PROFILE_FRAMEWORKS (llama_jax_fixed: the same model in a decode loop
+#               of fixed length, which the host need not stop at every step), then llama_jax under each
+#               of $GPU_CHECK_PROFILE_XLA_FLAGS
 #   train       bench/train.py --random-llama-3.2-1b: LoRA training against transformers + peft
 #   quant       bench/quant.py on the checkpoint: int8 and int4 (groups of 32) computing in bfloat16
 #               against bfloat16 and float32 (quality on random ids, decode at batch 1 and 8)
 #   nbmake      every chapter notebook under pytest --nbmake, on the checkpoint, several at once
 #   summary     one table: each step's status, each chapter's outcome and time, each chapter's slowest
 #               cells (and the cell it was in if the budget ran out), parity, the benchmark
-# The whole run stays within $GPU_CHECK_BUDGET seconds: the steps before nbmake are capped so that
-# nbmake keeps at least $GPU_CHECK_NBMAKE_MIN seconds, and nbmake gets what is left. The exit status is
-# 0 when every step passed, else 1.
+# env, install and smoke always run; $GPU_CHECK_STEPS picks the others and their order (checkpoint
+# comes first with any step that reads it, nbmake last), so that a short lease can measure what matters
+# first and the chapters in a later call (bench/README.md: "A lease of 15 minutes"). The whole run
+# stays within $GPU_CHECK_BUDGET seconds: the steps before nbmake are capped so that nbmake (when asked
+# for) keeps at least $GPU_CHECK_NBMAKE_MIN seconds, and nbmake gets what is left. The exit status is
+# 0 when every step that ran passed, 1 when one failed, 2 for a bad setting.
 #
 # Settings (environment variables; --local changes the defaults marked *):
 #   GPU_CHECK_PYTHON      interpreter                        python3 (* .venv/bin/python)
@@ -40,8 +45,13 @@
 #   GPU_CHECK_CHAPTERS    chapter numbers, e.g. "01 03"      all but 09_b (* "01 03")
 #   GPU_CHECK_WORKERS     notebooks run at once (xdist)      6 (* 1)
 #   GPU_CHECK_FRAMEWORKS  benchmark rows                     llama_jax,transformers,keras_hub
+#   GPU_CHECK_STEPS       the steps to run, in this order    parity bench profile train quant nbmake
+#                         (nbmake always last; set but empty: only env, install, smoke)
 #   GPU_CHECK_PROFILE_FRAMEWORKS
-#                         decode profiles, in order          llama_jax keras_hub
+#                         decode profiles, in order          llama_jax llama_jax_fixed keras_hub
+#   GPU_CHECK_PROFILE_XLA_FLAGS
+#                         more llama_jax profiles, one per XLA_FLAGS setting, separated by ";"
+#                         (e.g. command buffers off, or with WHILE): decode_profile_llama_jax_xlaN
 #   GPU_CHECK_BENCH_ARGS  benchmark arguments                --random-llama-3.2-1b
 #                                                            (* --model CHECKPOINT and a short run)
 #   GPU_CHECK_TAG         the results file's name            the GPU's model: H100 -> RESULTS_H100.md
@@ -124,7 +134,16 @@ else
     TRAIN_ARGS="--random-llama-3.2-1b"
 fi
 FRAMEWORKS=${GPU_CHECK_FRAMEWORKS:-llama_jax,transformers,keras_hub}
-PROFILE_FRAMEWORKS=${GPU_CHECK_PROFILE_FRAMEWORKS:-llama_jax keras_hub}
+PROFILE_FRAMEWORKS=${GPU_CHECK_PROFILE_FRAMEWORKS:-llama_jax llama_jax_fixed keras_hub}
+PROFILE_XLA_FLAGS=${GPU_CHECK_PROFILE_XLA_FLAGS:-}
+ALL_STEPS="parity bench profile train quant nbmake"
+ASKED=${GPU_CHECK_STEPS-$ALL_STEPS}
+for name in $ASKED; do
+    if [[ " $ALL_STEPS " != *" $name "* ]]; then
+        echo "gpu_check: GPU_CHECK_STEPS names an unknown step '$name' (the steps: $ALL_STEPS)" >&2
+        exit 2
+    fi
+done
 BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-$DEFAULT_BENCH}
 NBMAKE_MIN=${GPU_CHECK_NBMAKE_MIN:-200}
 TOKENIZER=${GPU_CHECK_TOKENIZER:-$ROOT/.devkit/smollm2-tokenizer}
@@ -292,11 +311,22 @@ run_bench() {
 }
 
 run_profile() {
-    local framework status=0
+    local framework flags variants status=0 n=0
     for framework in $PROFILE_FRAMEWORKS; do
         # shellcheck disable=SC2086 # PROFILE_ARGS is a list of arguments
         "$PY" bench/decode_profile.py --model "$CHECKPOINT" --framework "$framework" $PROFILE_ARGS \
             --output "$OUT/decode_profile_${framework}_$TAG.md" || status=1
+    done
+    # the same llama_jax profile under each extra XLA_FLAGS setting: one lease compares them
+    IFS=';' read -ra variants <<<"$PROFILE_XLA_FLAGS"
+    for flags in "${variants[@]}"; do
+        [[ -n ${flags// /} ]] || continue
+        n=$((n + 1))
+        echo "XLA_FLAGS for decode_profile_llama_jax_xla${n}: ${XLA_FLAGS:+$XLA_FLAGS }$flags"
+        # shellcheck disable=SC2086 # PROFILE_ARGS is a list of arguments
+        XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$flags" "$PY" bench/decode_profile.py --model "$CHECKPOINT" \
+            --framework llama_jax $PROFILE_ARGS --output "$OUT/decode_profile_llama_jax_xla${n}_$TAG.md" ||
+            status=1
     done
     return "$status"
 }
@@ -340,6 +370,8 @@ summary() {
     {
         echo "# GPU check summary ($(date -u +'%F %T') UTC, $(($(date +%s) - START_EPOCH)) s)"
         echo
+        echo "Steps asked for (GPU_CHECK_STEPS): ${ASKED:-none}; env, install and smoke always run."
+        echo
         echo "| step | exit | seconds |"
         echo "|---|---|---|"
         local row framework profile
@@ -348,7 +380,7 @@ summary() {
             echo "| $n | $s | $t |"
         done
         echo
-        "$PY" - "$OUT/nbmake.xml" "${NOTEBOOKS[@]}" <<'EOF'
+        ((${#NOTEBOOKS[@]})) && "$PY" - "$OUT/nbmake.xml" "${NOTEBOOKS[@]}" <<'EOF'
 """One row per selected chapter: its outcome and time from pytest's junit file."""
 import os
 import re
@@ -388,8 +420,12 @@ EOF
         echo
         [[ -f $OUT/RESULTS_$TAG.md ]] && grep -E '^\|' "$OUT/RESULTS_$TAG.md"
         echo
+        local profiles=()
         for framework in $PROFILE_FRAMEWORKS; do
-            profile=$OUT/decode_profile_${framework}_$TAG.md
+            profiles+=("$OUT/decode_profile_${framework}_$TAG.md")
+        done
+        profiles+=("$OUT"/decode_profile_llama_jax_xla*_"$TAG".md) # then each XLA_FLAGS setting's
+        for profile in "${profiles[@]}"; do
             [[ -f $profile ]] && head -1 "$profile" && grep -E '^\|' "$profile" | head -8
         done
         echo
@@ -407,14 +443,22 @@ echo "python $PY, checkpoint $CHECKPOINT ($LAYERS layers), $WORKERS notebooks at
 rm -f "$OUT/nbmake.xml" "$OUT/cell_times.tsv" "$OUT/parity.txt" "$OUT/RESULTS_$TAG.md" "$OUT"/decode_profile_*_"$TAG".md "$OUT/TRAIN_RESULTS_$TAG.md" \
     "$OUT/QUANT_RESULTS_$TAG.md"
 
-export PY LAYERS CHAPTERS WORKERS TAG CHECKPOINT FRAMEWORKS PROFILE_FRAMEWORKS BENCH_ARGS TOKENIZER WHEELS SITE OUT PROFILE_ARGS TRAIN_ARGS \
+export PY LAYERS CHAPTERS WORKERS TAG CHECKPOINT FRAMEWORKS PROFILE_FRAMEWORKS PROFILE_XLA_FLAGS BENCH_ARGS TOKENIZER WHEELS SITE OUT PROFILE_ARGS TRAIN_ARGS \
     LOCAL
 export -f env_report install_wheels smoke smoke_with_fallback write_checkpoint run_parity run_bench run_nbmake \
     run_profile run_train run_quant
 
-BUDGET_ALL=$BUDGET
-BUDGET=$((BUDGET_ALL - NBMAKE_MIN - 15)) # the steps before nbmake leave it NBMAKE_MIN s and 15 s over
+# asked NAME: GPU_CHECK_STEPS names the step
+asked() { [[ " $ASKED " == *" $1 "* ]]; }
 
+BUDGET_ALL=$BUDGET
+if asked nbmake; then
+    BUDGET=$((BUDGET_ALL - NBMAKE_MIN - 15)) # the steps before nbmake leave it NBMAKE_MIN s and 15 s over
+else
+    BUDGET=$((BUDGET_ALL - 15)) # 15 s for the summary
+fi
+
+echo "steps asked for: ${ASKED:-none} (env, install and smoke always run)"
 step env "$(capped 60)" env_report
 if ((!LOCAL)); then
     if step install "$(capped 120)" install_wheels; then
@@ -422,21 +466,30 @@ if ((!LOCAL)); then
     fi
 fi
 step smoke "$(capped 180)" smoke_with_fallback
-step checkpoint "$(capped 240)" write_checkpoint
-step parity "$(capped 180)" run_parity
-step bench "$(capped 300)" run_bench
-step profile "$(capped 180)" run_profile
-step train "$(capped 240)" run_train
-step quant "$(capped 150)" run_quant
+if asked parity || asked profile || asked quant || asked nbmake; then
+    step checkpoint "$(capped 240)" write_checkpoint
+fi
+for name in $ASKED; do # in the order asked for; nbmake last, whatever its place
+    case $name in
+        parity) step parity "$(capped 180)" run_parity ;;
+        bench) step bench "$(capped 300)" run_bench ;;
+        profile) step profile "$(capped 300)" run_profile ;;
+        train) step train "$(capped 240)" run_train ;;
+        quant) step quant "$(capped 150)" run_quant ;;
+    esac
+done
 
-BUDGET=$((BUDGET_ALL - 15)) # 15 s for the summary
-mapfile -t NOTEBOOKS < <(chapters)
-echo "chapters: ${NOTEBOOKS[*]##*/}"
-# pytest gets SIGINT when the budget is spent (it then writes its junit file); the step's own limit,
-# 40 s later, is only a backstop
-nbmake_limit=$(left)
-step nbmake $((nbmake_limit < 10 ? nbmake_limit : nbmake_limit + 40)) \
-    run_nbmake "$nbmake_limit" "${NOTEBOOKS[@]}"
+NOTEBOOKS=()
+if asked nbmake; then
+    BUDGET=$((BUDGET_ALL - 15)) # 15 s for the summary
+    mapfile -t NOTEBOOKS < <(chapters)
+    echo "chapters: ${NOTEBOOKS[*]##*/}"
+    # pytest gets SIGINT when the budget is spent (it then writes its junit file); the step's own limit,
+    # 40 s later, is only a backstop
+    nbmake_limit=$(left)
+    step nbmake $((nbmake_limit < 10 ? nbmake_limit : nbmake_limit + 40)) \
+        run_nbmake "$nbmake_limit" "${NOTEBOOKS[@]}"
+fi
 
 failed=0
 for row in "${STEPS[@]}"; do

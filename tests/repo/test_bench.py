@@ -127,7 +127,7 @@ def test_parity_tool_passes_on_a_checkpoint_and_its_gate_can_fail(tiny_checkpoin
 def test_decode_profile_counts_the_operations_of_a_generate_call(tiny_checkpoints, tmp_path):
     """bench/decode_profile.py (run on the GPU machine too) reads back its own trace: it finds the
     operations XLA ran (a decode step has at least one per layer) and writes its report, for llama_jax
-    (float32, int8) and keras-hub."""
+    (float32, int8), keras-hub and the fixed-length decode loop (which must give generate's tokens)."""
     output = tmp_path / "profile.md"
     command = [sys.executable, os.path.join(ROOT, "bench", "decode_profile.py")]
     command += ["--model", tiny_checkpoints["untied"], "--dtype", "float32", "--new-tokens", "4"]
@@ -164,6 +164,24 @@ def test_decode_profile_counts_the_operations_of_a_generate_call(tiny_checkpoint
     assert report.startswith("# Decode profile: keras-hub `Llama3CausalLM.generate` (JAX), ")
     per_token = next(line for line in report.splitlines() if line.startswith("| XLA operations"))
     assert float(per_token.split("|")[2]) >= 2
+    done = subprocess.run(  # the experiment: the same model in a decode loop of fixed length
+        [*command, "--framework", "llama_jax_fixed", "--prompt-tokens", "8", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"},  # named in the title
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = output.read_text()
+    print(report)
+    title = report.splitlines()[0]
+    assert (
+        "in a decode loop of fixed length" in title and "XLA_FLAGS=--xla_cpu_enable_fast_math=false" in title
+    )
+    # float32 on the CPU: the fixed-length loop gives generate's 4 greedy tokens
+    assert (
+        "Same greedy tokens as `llama_jax.generate` (first row, before the first difference): 4/4." in report
+    )
 
 
 def test_quant_bench_runs_on_a_tiny_checkpoint(tiny_chat_checkpoint, tmp_path):
@@ -242,3 +260,36 @@ def test_cell_times_logs_every_cell_of_an_nbmake_run(tmp_path):
     assert "| timed | 4 | **not finished** | `while True: pass` |" in table
     assert re.search(r"\| timed \| 5 \| [0-9.]+ \(ZeroDivisionError\) \| `1 / 0` \|", table), table
     assert table.index("not finished") < table.index("| timed | 1 | ")
+
+
+def test_gpu_check_runs_the_steps_asked_for(tmp_path):
+    """bench/gpu_check.sh --local with GPU_CHECK_STEPS: an unknown step is refused in one line before
+    anything runs; an empty list runs only env and smoke (no checkpoint is written, no chapter run)."""
+    script = os.path.join(ROOT, "bench", "gpu_check.sh")
+    env = {**os.environ, "GPU_CHECK_PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+    refused = subprocess.run(
+        ["bash", script, "--local"],
+        env={**env, "GPU_CHECK_STEPS": "bench nbmakes"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2
+    assert "unknown step 'nbmakes'" in refused.stdout + refused.stderr
+    assert "=== env" not in refused.stdout
+    done = subprocess.run(
+        ["bash", script, "--local"],
+        env={**env, "GPU_CHECK_STEPS": "", "GPU_CHECK_LAYERS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    print(summary)
+    rows = [
+        line.split("|")[1].strip() for line in summary.splitlines() if re.match(r"\| \w+ \| \d+ \|", line)
+    ]
+    assert rows == ["env", "smoke"]
+    assert "Steps asked for (GPU_CHECK_STEPS): none" in summary
+    assert not os.path.exists(os.path.join(ROOT, "_build", "gpu-check-llama-1b-shape-1"))
