@@ -78,8 +78,10 @@ bench: $(STAMP)
 bench-cli: $(STAMP)
 	$(PY) bench/cli.py
 
+# LoRA training against transformers + peft, every worker twice in turn, each one's faster run kept
+# (bench/TRAIN_RESULTS.md)
 bench-train: $(STAMP)
-	$(PY) bench/train.py
+	$(PY) bench/train.py --rounds 2
 
 # A whole `llama-jax finetune` run of the bundled model (200 steps; 29 minutes on our 2 cores while they were shared):
 # wall time, tokens/s, held-out loss and exact match before/after (bench/FINETUNE_RESULTS.md)

@@ -39,9 +39,17 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 # the same memory measures and random 1B checkpoint as the generation benchmark
-from generate import device_peak_gb, peak_rss_gb, write_random_llama_1b  # noqa: E402
+from generate import device_peak_gb, machine_description, peak_rss_gb, write_random_llama_1b  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# jax.monitoring's duration events that split llama_jax's first step (summed over every program compiled
+# in it); backend_compile includes loading the compiled program when the compilation cache has it
+FIRST_STEP_PARTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "tracing",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lowering",
+    "/jax/core/compile/backend_compile_duration": "XLA compilation",
+    "/jax/compilation_cache/cache_retrieval_time_sec": "of which loading from the cache",
+}
 
 
 def batches(vocab: int, batch: int, length: int, steps: int):
@@ -120,6 +128,15 @@ def worker(args) -> None:
     runner = run_peft if args.worker == "peft" else run_llama_jax  # every llama_jax_* worker: the same run
     step = runner(args, config)
     times, losses = [], []
+    parts = {}  # llama_jax: FIRST_STEP_PARTS' seconds during the first step
+    if runner is run_llama_jax:
+        import jax
+
+        def record(event, seconds, **kwargs):
+            if event in FIRST_STEP_PARTS and not times:  # before the first step has ended
+                parts[event] = parts.get(event, 0.0) + seconds
+
+        jax.monitoring.register_event_duration_secs_listener(record)
     for ids, mask, loss_mask in batches(config.vocab_size, args.batch, args.length, args.steps):
         start = time.perf_counter()
         losses.append(float(step(ids, mask, loss_mask)))
@@ -139,9 +156,24 @@ def worker(args) -> None:
                 else None,
                 "losses": losses,
                 "temp_gb": step.temp_gb() if hasattr(step, "temp_gb") else None,
+                "first_step_parts": parts,
             }
         ),
         flush=True,
+    )
+
+
+def first_step_line(label: str, result: dict) -> str:
+    """- LABEL: first step 19.1 s = tracing 2.3 s + lowering 0.5 s + XLA compilation 9.5 s + the rest 6.8 s"""
+    seconds_of = result["first_step_parts"]
+    parts = {name: seconds_of[event] for event, name in FIRST_STEP_PARTS.items() if event in seconds_of}
+    loaded = parts.pop("of which loading from the cache", None)
+    rest = result["first_step_s"] - sum(parts.values())
+    terms = [f"{name} {seconds:.1f} s" for name, seconds in parts.items()]
+    if loaded is not None:
+        terms[-1] += f" (of which loading it from the cache {loaded:.1f} s)"
+    return f"- {label}: first step {result['first_step_s']:.1f} s = " + " + ".join(
+        [*terms, f"the rest {rest:.1f} s"]
     )
 
 
@@ -159,71 +191,12 @@ def gpu_name() -> str:
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "?"
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="checkpoint directory (default: the bundled SmolLM2-135M-Instruct)")
-    parser.add_argument(
-        "--random-llama-3.2-1b",
-        dest="random_llama_1b",
-        action="store_true",
-        help="random weights in Llama 3.2 1B's shape",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        help="the frozen base's (default: bfloat16 on a GPU, else float32)",
-    )
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, help="tokens per row (default: 512 on a GPU, else 128)")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="the first one is reported apart")
-    parser.add_argument("--output", default=os.path.join(HERE, "TRAIN_RESULTS.md"), help="'-' writes nothing")
-    parser.add_argument(
-        "--remat",
-        action="store_true",
-        help="also llama_jax with gradient checkpointing (each layer recomputed in the backward pass)",
-    )
-    parser.add_argument(
-        "--worker",
-        choices=["llama_jax", "llama_jax_cached", "llama_jax_remat", "peft"],
-        help=argparse.SUPPRESS,
-    )
-    parser.add_argument("--cache", help=argparse.SUPPRESS)  # for the workers: a compilation cache directory
-    parser.add_argument("--gpu", action="store_true", help=argparse.SUPPRESS)  # set for the workers
-    args = parser.parse_args(argv)
-    if args.steps < 2:
-        parser.error("--steps must be at least 2 (the first one includes compilation)")
-    if args.worker:
-        return worker(args)
-    args.gpu = gpu_visible()
-    args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
-    args.length = args.length or (512 if args.gpu else 128)
-    if args.random_llama_1b:
-        args.model = write_random_llama_1b(tempfile.mkdtemp(prefix="llama-3.2-1b-random-"))
-    elif args.model is None:
-        import llama_jax
+def run_workers(args, runs) -> list[dict]:
+    """One run of every (worker, environment) in ``runs``, each in its own process; their RESULT lines.
 
-        args.model = llama_jax.default_checkpoint()
-
-    from llama_jax.cli import training_environment
-
-    huge_pages = training_environment()
-    environment = huge_pages or dict(os.environ)
-    tunables = environment.get("GLIBC_TUNABLES") or "(none)"
-    runs = [  # (worker, its environment): the finetune command's, then both again in this one if it differs
-        *((w, environment) for w in ("llama_jax", "llama_jax_cached", *(["llama_jax_remat"] * args.remat))),
-        ("peft", environment),
-        # what train_step gives in a process started without the setting (a notebook, your own script);
-        # on the CPU only, where the setting matters (and a GPU's time is short)
-        *(
-            [("llama_jax_cached", dict(os.environ)), ("peft", dict(os.environ))]
-            if huge_pages and not args.gpu
-            else []
-        ),
-    ]
+    llama_jax's workers share one new compilation cache: the first process compiles the step and stores
+    it, the second (a rerun, a resumed job) loads it, which is its first step's cost without compiling."""
     results = []
-    # llama_jax twice with one compilation cache: the first process compiles the step and stores it, the
-    # second (a rerun, a resumed job) loads it, which is its first step's cost without compiling
     cache = tempfile.mkdtemp(prefix="llama-jax-bench-cache-")
     for framework, env in runs:
         print(
@@ -257,6 +230,85 @@ def main(argv=None) -> None:
         results.append({**json.loads(lines[-1][len("RESULT ") :]), "tunables": env.get("GLIBC_TUNABLES")})
 
     shutil.rmtree(cache, ignore_errors=True)
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint directory (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--random-llama-3.2-1b",
+        dest="random_llama_1b",
+        action="store_true",
+        help="random weights in Llama 3.2 1B's shape",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="the frozen base's (default: bfloat16 on a GPU, else float32)",
+    )
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, help="tokens per row (default: 512 on a GPU, else 128)")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="the first one is reported apart")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every worker this many times, in turn, and keep each one's fastest run (a shared "
+        "machine's speed drifts from minute to minute)",
+    )
+    parser.add_argument("--output", default=os.path.join(HERE, "TRAIN_RESULTS.md"), help="'-' writes nothing")
+    parser.add_argument(
+        "--remat",
+        action="store_true",
+        help="also llama_jax with gradient checkpointing (each layer recomputed in the backward pass)",
+    )
+    parser.add_argument(
+        "--worker",
+        choices=["llama_jax", "llama_jax_cached", "llama_jax_remat", "peft"],
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument("--cache", help=argparse.SUPPRESS)  # for the workers: a compilation cache directory
+    parser.add_argument("--gpu", action="store_true", help=argparse.SUPPRESS)  # set for the workers
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the first one includes compilation)")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.worker:
+        return worker(args)
+    args.gpu = gpu_visible()
+    args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
+    args.length = args.length or (512 if args.gpu else 128)
+    if args.random_llama_1b:
+        args.model = write_random_llama_1b(tempfile.mkdtemp(prefix="llama-3.2-1b-random-"))
+    elif args.model is None:
+        import llama_jax
+
+        args.model = llama_jax.default_checkpoint()
+
+    from llama_jax.cli import training_environment
+
+    huge_pages = training_environment()
+    environment = huge_pages or dict(os.environ)
+    tunables = environment.get("GLIBC_TUNABLES") or "(none)"
+    runs = [  # (worker, its environment): the finetune command's, then both again in this one if it differs
+        *((w, environment) for w in ("llama_jax", "llama_jax_cached", *(["llama_jax_remat"] * args.remat))),
+        ("peft", environment),
+        # what train_step gives in a process started without the setting (a notebook, your own script);
+        # on the CPU only, where the setting matters (and a GPU's time is short)
+        *(
+            [("llama_jax_cached", dict(os.environ)), ("peft", dict(os.environ))]
+            if huge_pages and not args.gpu
+            else []
+        ),
+    ]
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append(run_workers(args, runs))
+    # each worker's fastest run (its step time; the whole row comes from that run)
+    results = [min(same, key=lambda r: r["step_s"]) for same in zip(*rounds, strict=True)]
     reference = max(r["tokens_per_s"] for r in results if r["framework"] == "peft")
     model_name = os.path.basename(os.path.normpath(args.model))
     if args.random_llama_1b:
@@ -306,23 +358,32 @@ def main(argv=None) -> None:
         [
             "# LoRA training benchmark",
             "",
-            f"{datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPUs"
-            + (f", GPU {gpu_name()}" if args.gpu else "")
-            + f", {versions}.",
+            f"{datetime.date.today()}, {machine_description()['cpu']} ({platform.machine()}) with "
+            f"{os.cpu_count()} CPUs" + (f", GPU {gpu_name()}" if args.gpu else "") + f", {versions}.",
             "",
             f"Model `{model_name}`, frozen base in {args.dtype}, adapters and loss in float32, on the "
             f"{'GPU' if args.gpu else 'CPU'}; batch {args.batch} x {args.length} tokens "
             f"(loss on the second half of each row); LoRA rank {args.rank}, alpha {2 * args.rank}, on "
             f"{', '.join(TARGETS)}; AdamW, learning rate 1e-4; {args.steps} steps, the first reported apart "
             "(llama_jax compiles then, except in its second process, which finds the step in the JAX "
-            "compilation cache that the first one filled, as a rerun of the CLI does). One run: compare "
-            "the ratios, not figures from different runs. Environment: "
+            "compilation cache that the first one filled, as a rerun of the CLI does). "
+            + (
+                "One run"
+                if args.rounds == 1
+                else f"{args.rounds} rounds of every worker in turn, each worker's fastest run kept"
+            )
+            + ": compare the ratios, not figures from different runs. Environment: "
             f"GLIBC_TUNABLES={tunables}{environment_note}.",
             "",
             *rows,
             "",
             "First-step losses (B starts at zero, so each is the base model's loss on the same batch): "
             + ", ".join(f"{r['framework']}{tag(r)} {r['losses'][0]:.3f}" for r in results),
+            "",
+            "Where llama_jax's first step went (JAX's compile events, `jax.monitoring`; the rest is the "
+            "step's first run, with its first allocations, and Python):",
+            "",
+            *(first_step_line(labels[r["framework"]] + tag(r), r) for r in results if r["first_step_parts"]),
             "",
         ]
     )

@@ -76,6 +76,8 @@ def test_train_bench_runs_on_a_tiny_checkpoint(tiny_checkpoints, tmp_path):
             "4",
             "--steps",
             "2",
+            "--rounds",
+            "2",
             "--output",
             str(output),
         ],
@@ -92,7 +94,9 @@ def test_train_bench_runs_on_a_tiny_checkpoint(tiny_checkpoints, tmp_path):
     # one (glibc's huge pages turned on), llama_jax and peft run again in this one, and peft's faster run
     # is 1.00x
     huge_pages = training_environment()
-    assert len(rows) == (5 if huge_pages else 3), report
+    assert len(rows) == (5 if huge_pages else 3), report  # one row per worker, whatever the rounds
+    assert "2 rounds of every worker in turn, each worker's fastest run kept" in report
+    assert done.stderr.count("llama_jax_cached: running") == (4 if huge_pages else 2)  # each run twice
     assert labels[0].startswith("llama_jax `train") and "compilation cache" in labels[1]
     assert labels[2] == "transformers + peft (PyTorch)"
     if huge_pages:
@@ -106,6 +110,16 @@ def test_train_bench_runs_on_a_tiny_checkpoint(tiny_checkpoints, tmp_path):
         ratios.append(cells[4])
     peft = [ratio for label, ratio in zip(labels, ratios, strict=True) if label.startswith("transformers")]
     assert "1.00x" in peft and all(float(r[:-1]) <= 1.0 for r in peft)  # the faster peft run is the reference
+    # each llama_jax process's first step, split by JAX's compile events: the first compiles the step,
+    # the second loads it from the compilation cache the first one filled
+    parts = [line for line in report.splitlines() if line.startswith("- llama_jax")]
+    assert len(parts) == (3 if huge_pages else 2), report
+    assert parts[0].startswith(f"- {labels[0]}: first step ") and "+ XLA compilation " in parts[0]
+    assert "tracing" in parts[0] and "loading it from the cache" not in parts[0]
+    assert (
+        parts[1].startswith(f"- {labels[1]}: first step ")
+        and "(of which loading it from the cache " in parts[1]
+    )
 
 
 def test_parity_tool_passes_on_a_checkpoint_and_its_gate_can_fail(tiny_checkpoints):
