@@ -11,8 +11,11 @@ the loss in float32, in both. Where a GPU is visible (``nvidia-smi``) both run o
 become the GPU run of bench/GPU_RESULTS.md: bfloat16, batch 8 x 512. Each runs in its own process (this
 script with ``--worker``), so the peak resident and device memory are its own. Reported: the first step
 apart (for llama_jax it includes compilation), then training tokens per second over the remaining
-steps (batch x sequence length / mean step time), peak RSS and peak device memory. The table is
-printed and written to bench/TRAIN_RESULTS.md; compare ratios from one run only.
+steps (batch x sequence length / mean step time), peak RSS and peak device memory, and under the
+table each llama_jax process's first step split into tracing, lowering, XLA's compilation (or loading
+it from the cache) and the rest. ``--rounds N`` runs every worker N times, in turn, and reports each
+one's fastest run. The table is printed and written to bench/TRAIN_RESULTS.md; compare ratios from
+one run only.
 
 Every worker runs in the environment ``llama-jax finetune`` gives itself (glibc's large allocations in
 transparent huge pages, where glibc and the kernel allow: ``llama_jax.cli.training_environment``);
