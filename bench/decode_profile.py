@@ -35,7 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from generate import LABELS, setup_keras_hub  # bench/generate.py: keras-hub set up as the benchmark does
+from generate import LABELS, same_prefix, setup_keras_hub  # bench/generate.py: keras-hub set up as it does
 from jax.profiler import ProfileData
 
 import llama_jax
@@ -207,7 +207,7 @@ def main(argv=None) -> None:
     text = report(args, result, jax.default_backend())
     if args.framework == "llama_jax_fixed":
         ours, theirs = generate(ids, args.new_tokens)[0], reference(ids, args.new_tokens)[0]
-        same = int(np.cumprod(ours == theirs).sum())
+        same = same_prefix(ours.tolist(), theirs.tolist())
         text += (
             f"\nSame greedy tokens as `llama_jax.generate` (first row, before the first difference): "
             f"{same}/{args.new_tokens}. Random weights make near-ties, where a different fusion may round "

@@ -287,6 +287,12 @@ def measure(generate, ids, new_tokens: int, repeats: int) -> dict:
     }
 
 
+def same_prefix(tokens, reference) -> int:
+    """How many of ``tokens`` equal ``reference``'s before the first difference (over the shorter one)."""
+    n = min(len(tokens), len(reference))
+    return next((i for i in range(n) if tokens[i] != reference[i]), n)
+
+
 def worker(args) -> None:
     """Runs in its own process: load one framework, time every batch size, print one JSON line."""
     os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -391,8 +397,7 @@ def table(results: list[dict], roofline_tok_s: float) -> str:
             roof = f"{100 * m['decode_tok_s'] / roofline_tok_s:.0f}%" if batch == "1" else "-"
             if ref and result is not reference:
                 n = min(len(m["first_row"]), len(ref["first_row"]))
-                agree = next((i for i in range(n) if m["first_row"][i] != ref["first_row"][i]), n)
-                same = f"{agree}/{n}"
+                same = f"{same_prefix(m['first_row'], ref['first_row'])}/{n}"
             else:
                 same = "-"
             cells = [

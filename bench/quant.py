@@ -42,7 +42,15 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from generate import has_tokenizer, machine_description, make_prompts, measure, peak_rss_gb, publish  # noqa: E402
+from generate import (  # noqa: E402
+    has_tokenizer,
+    machine_description,
+    make_prompts,
+    measure,
+    peak_rss_gb,
+    publish,
+    same_prefix,
+)
 
 # label -> (dtype, or None for --dtype; quantize() settings or None); "gguf" rows load the GGUF file
 VARIANTS = {
@@ -284,10 +292,7 @@ def report(args, machine: dict, results: list[dict], reference: dict | None, not
         if float_tokens is None or first is None or row is float_row:
             cells.append("")
         else:
-            same = next(
-                (i for i, (a, b) in enumerate(zip(first, float_tokens, strict=False)) if a != b), len(first)
-            )
-            cells.append(f"{same}/{len(first)} tokens")
+            cells.append(f"{same_prefix(first, float_tokens)}/{len(first)} tokens")
         for b in args.batch_sizes:
             got = row["batches"].get(str(b))
             base = None if speed_row is None else speed_row["batches"].get(str(b))
