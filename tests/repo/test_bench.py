@@ -307,3 +307,44 @@ def test_gpu_check_runs_the_steps_asked_for(tmp_path):
     assert rows == ["env", "smoke"]
     assert "Steps asked for (GPU_CHECK_STEPS): none" in summary
     assert not os.path.exists(os.path.join(ROOT, "_build", "gpu-check-llama-1b-shape-1"))
+
+
+def test_gpu_kit_follows_requirements_for_the_gpu_machine_and_names_what_does_not_fit(tmp_path):
+    """bench/gpu_kit.py's decisions, without the network: which requirements apply on the GPU machine
+    (CPython 3.12, Linux), which names it carries, and the one-line reasons it refuses a kit."""
+    import zipfile
+
+    from packaging.requirements import Requirement
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import gpu_kit
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(
+            "demo-1.0.dist-info/METADATA",
+            "Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n"
+            'Requires-Dist: old; python_version < "3.12"\n'
+            'Requires-Dist: tensorflow-text>=2.20; platform_system != "Windows"\n'
+            'Requires-Dist: pytest; extra == "test"\n'
+            "Requires-Dist: nbmake>=1.5\n",
+        )
+    kept = gpu_kit.needed(gpu_kit.wheel_requirements(wheel))
+    assert [str(r) for r in kept] == ['tensorflow-text>=2.20; platform_system != "Windows"', "nbmake>=1.5"]
+    # TensorFlow never; nbmake, which the image lacks, always
+    assert [gpu_kit.carried(r.name) for r in kept] == [False, True]
+    assert not gpu_kit.carried("httpx") and gpu_kit.carried("transformers")  # in the image; a tested version
+
+    fits = gpu_kit.conflicts({"nbmake": "1.5.5"}, {"demo": kept})
+    assert fits == []
+    too_new = gpu_kit.conflicts(
+        {"transformers": "5.25.0"},
+        {"transformers": [Requirement("huggingface-hub>=2.4.0,<3.0"), Requirement("httpx2")]},
+    )
+    assert too_new == [
+        "transformers needs huggingface-hub<3.0,>=2.4.0, the image has 1.33.0",
+        "transformers needs httpx2, which neither the kit nor the image has",
+    ]
