@@ -5,13 +5,13 @@
 
 The machine has no network. Its image holds jax (CUDA), torch, flax, an older transformers and most
 of the scientific stack (`IMAGE` below), but no jupyter kernel, nbmake, keras or keras-hub. The kit
-is what the chapters, the tests and the benchmarks import beyond that: `ROOTS`, their dependencies
-that the image lacks, and the versions this project tests of `CARRY_ANYWAY`. Each wheel is fetched
-alone (`pip download --no-deps`, CPython 3.12, manylinux x86_64, at the version in this .venv, or in
-`VERSIONS`), and its own metadata names the next ones. Before anything is written, every carried
-wheel's requirements are checked against the kit and the image's known versions: huggingface_hub
-2.x, for one, needs `httpx2`, which the image lacks, so transformers goes at 5.24 (5.25 needs
-huggingface_hub >= 2.4) and huggingface_hub stays the image's 1.33.
+is what the chapters, the tests and the benchmarks import beyond that: `ROOTS` and their
+dependencies that the image lacks, and `CARRY_ANYWAY` at the versions tested here though the image
+has its own. Each wheel is fetched alone (`pip download --no-deps`, CPython 3.12, manylinux x86_64,
+at the version in this .venv, or in `VERSIONS`), and its own metadata names the next ones. Before
+anything is written, every carried wheel's requirements are checked against the kit and the image's
+known versions: huggingface_hub 2.x, for one, needs `httpx2`, which the image lacks, so transformers
+goes at 5.24 (5.25 needs huggingface_hub >= 2.4) and huggingface_hub stays the image's 1.33.
 
 The result is written to a temporary folder and moved into place when complete; git ignores both
 folders. `bench/README.md` ("On a GPU machine") says how a session carries them.
