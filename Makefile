@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # pip prints one line per package for every local index that lacks it: keep the output readable
 QUIET := 2>&1 | { grep -v ' is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: install generate lint format test test-compat test-1b-shape book sync bench bench-cli bench-train bench-finetune bench-quant clean
+.PHONY: install generate lint format test test-compat test-1b-shape book sync bench bench-cli bench-train bench-finetune bench-quant gpu-kit clean
 
 $(STAMP): requirements.txt companion/pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: no Python 3.12 or newer found: install one, or pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -92,6 +92,10 @@ bench-finetune: $(STAMP)
 # and llama.cpp on the same GGUF when llama-cpp-python is installed (bench/QUANT_RESULTS.md)
 bench-quant: $(STAMP)
 	$(PY) bench/quant.py
+
+# What bench/gpu_check.sh carries to a lent GPU machine, which has no network: .whl/ and .devkit/ (bench/README.md)
+gpu-kit: $(STAMP)
+	$(PY) bench/gpu_kit.py
 
 clean:
 	rm -rf _build .pytest_cache
