@@ -339,6 +339,12 @@ def device_peak_gb(framework: str) -> float | None:
     return stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None
 
 
+def result_of(stdout: str) -> dict | None:
+    """A worker's result: the JSON of the last "RESULT " line it printed (None when it printed none)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT ") :]) if lines else None
+
+
 def run_worker(framework: str, args) -> dict | None:
     command = [
         sys.executable,
@@ -362,11 +368,11 @@ def run_worker(framework: str, args) -> dict | None:
     ] + (["--on-gpu"] if args.on_gpu else [])
     print(f"{framework}: running", file=sys.stderr, flush=True)
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
+    result = result_of(done.stdout)
+    if done.returncode != 0 or result is None:
         print(f"{framework}: FAILED (exit {done.returncode}); skipped", file=sys.stderr)
         return None
-    return json.loads(lines[-1][len("RESULT ") :])
+    return result
 
 
 # ------------------------------------------------------------------------------------ the report

@@ -49,6 +49,7 @@ from generate import (  # noqa: E402
     measure,
     peak_rss_gb,
     publish,
+    result_of,
     same_prefix,
 )
 
@@ -230,12 +231,12 @@ def run_worker(name: str, args) -> dict | None:
     print(f"{name}: running", file=sys.stderr, flush=True)
     done = subprocess.run(command, capture_output=True, text=True)
     sys.stderr.write(done.stderr)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
+    result = result_of(done.stdout)
+    if done.returncode != 0 or result is None:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         print(f"{name}: FAILED (exit {done.returncode}); skipped", file=sys.stderr)
         return {"variant": name, "error": f"failed (exit {done.returncode}): {last}"}
-    return json.loads(lines[-1][len("RESULT ") :])
+    return result
 
 
 # ------------------------------------------------------------------------------------ the report

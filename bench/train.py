@@ -42,7 +42,13 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 # the same memory measures and random 1B checkpoint as the generation benchmark
-from generate import device_peak_gb, machine_description, peak_rss_gb, write_random_llama_1b  # noqa: E402
+from generate import (  # noqa: E402
+    device_peak_gb,
+    machine_description,
+    peak_rss_gb,
+    result_of,
+    write_random_llama_1b,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # jax.monitoring's duration events that split llama_jax's first step (summed over every program compiled
@@ -227,10 +233,10 @@ def run_workers(args, runs) -> list[dict]:
             *(["--cache", cache] if framework.startswith("llama_jax") else []),
         ]
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
+        result = result_of(done.stdout)
+        if done.returncode != 0 or result is None:
             raise SystemExit(f"{framework} failed (exit {done.returncode})")
-        results.append({**json.loads(lines[-1][len("RESULT ") :]), "tunables": env.get("GLIBC_TUNABLES")})
+        results.append({**result, "tunables": env.get("GLIBC_TUNABLES")})
 
     shutil.rmtree(cache, ignore_errors=True)
     return results
